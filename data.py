@@ -1,0 +1,431 @@
+"""
+Data for the adaptive-training-distribution experiments.
+
+Everything the rest of the code sees is a byte-level `Examples` set: a
+(N, seq_len) uint8 tensor of text windows, right-padded with byte 0, plus a
+source id and a document id per row. A `Corpus` bundles train/valid/test.
+
+Two kinds of corpora:
+  * `load_corpus(spec, ...)`   reads .txt / .jsonl / .jsonl.gz files from disk.
+  * `builtin_corpora(seed,...)` builds a small synthetic generic + specific
+    pair whose ideal training distribution is known by construction, so the
+    whole method can be run (and checked) with no files at all.
+
+`Sampler` draws uniform batches of indices: sample(D, n) in the paper, i.e.
+n i.i.d. uniform draws from D, with its own resumable random generator.
+"""
+
+import glob
+import gzip
+import hashlib
+import json
+import os
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+SPLITS = ("train", "valid", "test")
+SUFFIXES = (".jsonl.gz", ".jsonl", ".txt")   # longest first: ".jsonl.gz" before ".jsonl"
+MAX_BAD_FRACTION = 0.25  # a file with more NUL / control / invalid-UTF-8 characters is "binary"
+
+
+class DataError(Exception):
+    """Bad input. str(e) is ONE line that names the file (or flag) and the problem."""
+
+
+# -----------------------------------------------------------------------------
+# containers
+
+@dataclass
+class Examples:
+    x: torch.Tensor          # (N, seq_len) uint8, byte 0 = padding (always right-padded)
+    source_id: torch.Tensor  # (N,) int64, index into `sources`
+    doc_id: torch.Tensor     # (N,) int64, global document index (windows of one doc share it)
+    sources: list            # list[str] source names, shared by train/valid/test of one corpus
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def subset(self, idx) -> "Examples":
+        # idx: (M,) LongTensor of row indices, or (N,) bool mask
+        return Examples(self.x[idx], self.source_id[idx], self.doc_id[idx], self.sources)
+
+
+@dataclass
+class Corpus:
+    train: Examples
+    valid: Examples
+    test: Examples
+    sources: list            # list[str]
+    name: str                # the spec string, or "builtin:generic" / "builtin:specific"
+
+
+def _examples(x: np.ndarray, source_id: np.ndarray, doc_id: np.ndarray, sources: list) -> Examples:
+    # numpy -> torch; x (N, L) uint8, source_id (N,), doc_id (N,)
+    return Examples(torch.from_numpy(np.ascontiguousarray(x, dtype=np.uint8)),
+                    torch.from_numpy(np.asarray(source_id, dtype=np.int64)),
+                    torch.from_numpy(np.asarray(doc_id, dtype=np.int64)), list(sources))
+
+
+# -----------------------------------------------------------------------------
+# text -> bytes
+
+def encode(text: str) -> bytes:
+    """The text normalisation used everywhere: newlines (\\n, \\r) and tabs become
+    spaces, NUL characters are dropped, the rest is UTF-8 (unencodable -> '?').
+    Since NUL never survives, byte 0 is free to mean padding."""
+    text = text.replace("\0", "").replace("\n", " ").replace("\r", " ").replace("\t", " ")
+    return text.encode("utf-8", errors="replace")
+
+
+def _n_bad(text: str, b: bytes) -> int:
+    # characters that real text hardly ever contains: NULs, other control
+    # characters, and U+FFFD (what undecodable bytes turn into). b = encode(text)
+    ctrl = np.count_nonzero(np.frombuffer(b, np.uint8) < 32)
+    return text.count("\0") + ctrl + b.count("\ufffd".encode())
+
+
+def hash_split(b: bytes) -> str:
+    """Deterministic 80/10/10 split of a document from its (normalised) bytes.
+    Identical documents always land in the same split (no train/test leak)."""
+    h = int(hashlib.md5(b).hexdigest()[:8], 16) % 10
+    return "train" if h < 8 else ("valid" if h == 8 else "test")
+
+
+def windows(b: bytes, seq_len: int, doc_mode: str) -> tuple[bytes, int]:
+    """Cut one document into fixed-length windows. Returns (data, n) where data
+    holds n * seq_len bytes (right-padded with 0) and n is the number of windows.
+
+    "first": the paper's choice, only the first seq_len bytes of the document.
+    "chunk": consecutive non-overlapping windows covering the whole document; a
+             last partial window is kept only if it holds >= seq_len // 4 bytes
+             or is the document's only window (short documents are never lost).
+    chunk is our default because with few, long documents "first" throws away
+    most of the text: a generic set of ~16k documents (~58 MB) gives only ~16k
+    examples with "first", but ~250k at seq_len=256 with "chunk". The paper's
+    C4 has ~30M documents, so "first 256 bytes" still leaves it a huge pool."""
+    L = seq_len
+    if doc_mode == "first":
+        return b[:L] + bytes(max(0, L - len(b))), 1
+    n_full, rem = divmod(len(b), L)
+    keep_last = rem > 0 and (rem >= L // 4 or n_full == 0)
+    if keep_last:
+        return b + bytes(L - rem), n_full + 1
+    return b[: n_full * L], n_full
+
+
+# -----------------------------------------------------------------------------
+# reading files
+
+def _suffix(path: str) -> str:
+    return next((s for s in SUFFIXES if path.endswith(s)), "")
+
+
+def resolve_files(spec: str, flag: str = "--generic") -> list[str]:
+    """spec: a file, a directory (searched recursively), a glob, or a
+    comma-separated list of those. Returns the files, sorted within each part,
+    duplicates removed. (File names containing commas are not supported.)"""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts:
+        raise DataError(f"{flag}: empty corpus spec {spec!r}")
+    files = []
+    for part in parts:
+        p = os.path.expanduser(part)
+        if glob.has_magic(p):
+            matches = sorted(glob.glob(p, recursive=True))
+        elif os.path.exists(p):
+            matches = [p]
+        else:
+            matches = []
+        if not matches:
+            raise DataError(f"{flag}: no such file or directory: {part}")
+        found = []
+        for m in matches:
+            if os.path.isdir(m):  # directories: every readable file below, recursively
+                found += sorted(os.path.join(d, f) for d, _, fs in os.walk(m) for f in fs if _suffix(f))
+            elif _suffix(m) or not glob.has_magic(p):
+                found.append(m)  # a file named explicitly is kept (and its type checked when read)
+        if not found:
+            raise DataError(f"{flag}: {part}: contains no .txt, .jsonl or .jsonl.gz file")
+        files += found
+    return list(dict.fromkeys(files))
+
+
+def _read_txt(path: str):
+    # one document per file; yields (text, source, split) like _read_jsonl
+    with open(path, "rb") as f:
+        raw = f.read()
+    name = os.path.basename(path)[: -len(".txt")]
+    yield raw.decode("utf-8", errors="replace"), name, None
+
+
+def _read_jsonl(path: str):
+    # one JSON record per line: {"text": str, "source": str?, "split": str?}
+    name = os.path.basename(path)[: -len(_suffix(path))]
+    opener = gzip.open if path.endswith(".gz") else open
+    n_records = 0
+    with opener(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue  # blank lines are skipped
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except ValueError:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+                raise DataError(f"{where}: not valid JSON") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                raise DataError(f'{where}: record has no "text" field')
+            source, split = rec.get("source") or name, rec.get("split")  # null/"" source: file name
+            if not isinstance(source, str):
+                raise DataError(f'{where}: "source" must be a string, got {source!r}')
+            if split is not None and split not in SPLITS:
+                raise DataError(f'{where}: unknown split {split!r} (expected "train", "valid" or "test")')
+            n_records += 1
+            yield rec["text"], source, split
+    if n_records == 0:
+        raise DataError(f"{path}: empty file (no records)")
+
+
+def read_documents(path: str):
+    """Yields (bytes, source, split) for each non-empty document of one file;
+    split is always one of SPLITS. Any problem becomes a one-line DataError."""
+    if not _suffix(path):
+        raise DataError(f"{path}: unsupported file type (expected .txt, .jsonl or .jsonl.gz)")
+    reader = _read_txt if path.endswith(".txt") else _read_jsonl
+    n_chars = n_bad = n_docs = 0
+    try:
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            raise DataError(f"{path}: empty file")
+        for text, source, split in reader(path):
+            b = encode(text)
+            n_chars, n_bad = n_chars + len(text), n_bad + _n_bad(text, b)
+            if not b or b.isspace():
+                continue  # empty documents give no examples
+            n_docs += 1
+            yield b, source, split or hash_split(b)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: not a valid gzip file ({_one_line(e)})") from None
+    except OSError as e:  # missing, unreadable, a directory, ...
+        raise DataError(f"{path}: cannot read: {_one_line(e.strerror or e)}") from None
+    if n_bad > MAX_BAD_FRACTION * n_chars:
+        raise DataError(f"{path}: no usable text ({100 * n_bad / n_chars:.0f}% NUL, control or "
+                        f"invalid UTF-8 characters: binary file?)")
+    if n_docs == 0:
+        raise DataError(f"{path}: no usable text (all documents are empty)")
+
+
+def _one_line(e) -> str:
+    return " ".join(str(e).split())
+
+
+def load_corpus(spec: str, seq_len: int, doc_mode: str = "chunk", flag: str = "--generic") -> Corpus:
+    """Read every file of `spec` (see resolve_files) into a byte-level Corpus.
+    Sources are sorted by name; doc_id counts documents in reading order over
+    all files and splits. Raises DataError on any bad input."""
+    if doc_mode not in ("first", "chunk"):
+        raise DataError(f"{flag}: unknown doc_mode {doc_mode!r} (expected 'first' or 'chunk')")
+    if seq_len < 1:
+        raise DataError(f"{flag}: seq_len must be >= 1, got {seq_len}")
+    # per split: window bytes, and per document (source name index, doc id, n windows)
+    data = {s: [] for s in SPLITS}
+    docs = {s: [] for s in SPLITS}
+    names = {}  # source name -> index in order of first appearance
+    n_docs = 0
+    for path in resolve_files(spec, flag):
+        for b, source, split in read_documents(path):
+            chunk, n = windows(b, seq_len, doc_mode)
+            data[split].append(chunk)
+            docs[split].append((names.setdefault(source, len(names)), n_docs, n))
+            n_docs += 1
+    if not data["train"]:
+        raise DataError(f"{flag}: {spec}: no training examples ({n_docs} documents, none in the train split)")
+    # sorted source names, so ids do not depend on file order
+    sources = sorted(names)
+    remap = np.array([sources.index(s) for s in names], dtype=np.int64)  # first-seen idx -> sorted idx
+
+    def build(split: str) -> Examples:
+        # one big join into a writable buffer: x (N, seq_len) uint8
+        x = np.frombuffer(bytearray().join(data[split]), np.uint8).reshape(-1, seq_len)
+        data[split] = None  # free the per-document pieces
+        meta = np.array(docs[split], dtype=np.int64).reshape(-1, 3)  # (n_docs, 3)
+        src, did, n = meta[:, 0], meta[:, 1], meta[:, 2]
+        return _examples(x, remap[np.repeat(src, n)], np.repeat(did, n), sources)
+
+    return Corpus(build("train"), build("valid"), build("test"), sources, spec)
+
+
+# -----------------------------------------------------------------------------
+# the built-in synthetic corpus
+
+GENERIC_SHARES = {"target": 0.05, "related": 0.15, "unrelated_a": 0.25,
+                  "unrelated_b": 0.25, "unrelated_c": 0.25, "noise": 0.05}
+ORACLE = {"target": 1.0, "related": 0.5, "unrelated_a": 0.0,
+          "unrelated_b": 0.0, "unrelated_c": 0.0, "noise": 0.0}
+VOCAB, N_LETTERS = 300, 10
+SUCC_P = np.array([0.48, 0.24, 0.16, 0.12])  # Zipf-ish probabilities of the 4 likely successors
+EPS = 0.05                                   # otherwise: any word, uniformly
+
+
+def _domain(rng) -> dict:
+    # a vocabulary of VOCAB pseudo-words (length 2-8) over the domain's own
+    # N_LETTERS letters, drawn with Zipf-ish letter frequencies, and a chain
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))[rng.choice(26, N_LETTERS, replace=False)]
+    p = 1.0 / np.arange(1, N_LETTERS + 1)
+    chars = rng.choice(letters, size=(4 * VOCAB, 8), p=p / p.sum())  # (4V, 8) candidate spellings
+    lens = rng.integers(2, 9, size=4 * VOCAB)
+    words = list(dict.fromkeys("".join(c[:n]) for c, n in zip(chars, lens)))[:VOCAB]
+    assert len(words) == VOCAB  # 1200 candidates leave far more than 300 distinct words
+    return {"words": words, "succ": _chain(rng)}
+
+
+def _chain(rng) -> np.ndarray:
+    # (VOCAB, 4) the likely successors of each word, in SUCC_P order
+    return np.stack([rng.choice(VOCAB, 4, replace=False) for _ in range(VOCAB)])
+
+
+def _walk(rng, chains: list, mix: list, n: int, T: int) -> np.ndarray:
+    # n random walks of T words; at each step, each walk follows chains[j]
+    # with probability mix[j] (the "related" domain mixes two chains)
+    succ = np.stack(chains)                                 # (n_chains, VOCAB, 4)
+    ids = np.empty((n, T), dtype=np.int64)                  # (n, T) word ids
+    w = rng.integers(VOCAB, size=n)                         # (n,) current word
+    for t in range(T):
+        ids[:, t] = w
+        k = rng.choice(4, size=n, p=SUCC_P)                 # (n,) which successor
+        j = rng.choice(len(chains), size=n, p=mix)          # (n,) which chain
+        nxt = succ[j, w, k]                                 # (n,)
+        jump = rng.random(n) < EPS
+        w = np.where(jump, rng.integers(VOCAB, size=n), nxt)
+    return ids
+
+
+def _render(rng, words: list, ids: np.ndarray, seq_len: int) -> np.ndarray:
+    # word ids (n, T) -> text "w w w. w w ..." with a ". " every 6-14 words,
+    # truncated to seq_len bytes -> (n, seq_len) uint8
+    n, T = ids.shape
+    ends = np.cumsum(rng.integers(6, 15, size=(n, T // 6 + 1)), axis=1) - 1  # last word of each sentence
+    rows = np.broadcast_to(np.arange(n)[:, None], ends.shape)
+    ok = ends < T
+    dot = np.zeros((n, T), dtype=bool)
+    dot[rows[ok], ends[ok]] = True
+    vocab = np.array(words + [w + "." for w in words], dtype=object)  # id + VOCAB = word with a period
+    tokens = vocab[ids + VOCAB * dot]                                 # (n, T) str
+    docs = [" ".join(row).encode()[:seq_len].ljust(seq_len, b"\0") for row in tokens.tolist()]
+    return np.frombuffer(bytearray().join(docs), np.uint8).reshape(n, seq_len)
+
+
+def builtin_corpora(seed: int, seq_len: int, n_generic: int = 20000, n_specific_train: int = 400,
+                    n_specific_eval: int = 200) -> tuple[Corpus, Corpus, dict]:
+    """The built-in experiment: a synthetic generic pool with a small hidden
+    minority of in-domain text, and a small specific (target) set.
+
+    Domains. Each text domain is a first-order Markov chain over words: a
+    vocabulary of 300 pseudo-words (2-8 letters) spelled with the domain's own
+    10 lowercase letters (so byte statistics differ between domains); each
+    word has 4 likely successors (probabilities .48/.24/.16/.12, and a 5%
+    chance of jumping to any word), so there is structure for a model to
+    learn. A document is a walk of such words joined by spaces, with ". "
+    every 6-14 words, truncated to exactly seq_len bytes (one example per
+    document, no padding).
+
+    Generic corpus (sources and their share of n_generic training documents):
+        target       5%  the target domain itself, a small minority
+        related     15%  the target's vocabulary; each next word follows the
+                         target's chain with prob 0.5, else its own chain
+        unrelated_a 25%  } own vocabulary and chain each
+        unrelated_b 25%  }
+        unrelated_c 25%  }
+        noise        5%  uniformly random printable ASCII bytes (32..126)
+    Train has exactly n_generic documents; valid and test each get another
+    n_generic // 10 documents, with the same shares (on top of the pool, not
+    carved out of it). Each split is shuffled.
+
+    Specific corpus: fresh documents of the target domain (new draws, not the
+    generic ones): n_specific_train train, n_specific_eval valid and
+    n_specific_eval test; its single source is "target".
+
+    info: {"target_source": "target",
+           "oracle":    the ideal weight of each generic source, known by
+                        construction: target 1.0 (an ideal sampler puts all its
+                        mass there), related 0.5 (partially helpful: half its
+                        transitions are the target's), unrelated/noise 0.0,
+           "base_rate": each source's share of generic train (uniform sampling)}
+    A good data selector should move weight from the base rate toward the oracle.
+    Deterministic in seed (numpy default_rng(seed)); a few seconds to build."""
+    rng = np.random.default_rng(seed)
+    names = list(GENERIC_SHARES)
+    target = _domain(rng)
+    related_chain = _chain(rng)
+    others = {s: _domain(rng) for s in ("unrelated_a", "unrelated_b", "unrelated_c")}
+
+    n_eval = max(1, n_generic // 10)
+    sizes = (n_generic, n_eval, n_eval)  # generic train, valid, test
+    counts = {s: [round(GENERIC_SHARES[s] * m) for m in sizes] for s in names}  # source -> 3 sizes
+    for i, m in enumerate(sizes):  # rounding leftovers go to unrelated_c
+        counts["unrelated_c"][i] += m - sum(counts[s][i] for s in names)
+    n_spec = [n_specific_train, n_specific_eval, n_specific_eval]
+
+    T = seq_len // 3 + 1  # a word plus its space is >= 3 bytes, so T words always fill seq_len
+    def make(source: str, n: int) -> np.ndarray:  # -> (n, seq_len) uint8
+        if source == "noise":
+            return rng.integers(32, 127, size=(n, seq_len), dtype=np.uint8)
+        if source == "related":
+            ids = _walk(rng, [target["succ"], related_chain], [0.5, 0.5], n, T)  # (n, T)
+            return _render(rng, target["words"], ids, seq_len)
+        dom = target if source == "target" else others[source]
+        return _render(rng, dom["words"], _walk(rng, [dom["succ"]], [1.0], n, T), seq_len)
+
+    # one draw per source; target also provides the specific documents
+    x = {s: make(s, sum(counts[s]) + (sum(n_spec) if s == "target" else 0)) for s in names}
+
+    def splits(n_docs: dict, pool: dict, sources: list, shuffle: bool) -> list[Examples]:
+        # n_docs: source -> [n train, n valid, n test]; pool: source -> (n, seq_len) rows
+        out, first_doc, offset = [], 0, {s: 0 for s in sources}
+        for i in range(3):  # train, valid, test
+            xs, src = [], []
+            for k, s in enumerate(sources):
+                n = n_docs[s][i]
+                xs.append(pool[s][offset[s]: offset[s] + n])
+                src.append(np.full(n, k))
+                offset[s] += n
+            xs, src = np.concatenate(xs), np.concatenate(src)
+            perm = rng.permutation(len(src)) if shuffle else np.arange(len(src))
+            out.append(_examples(xs[perm], src[perm], first_doc + np.arange(len(src)), sources))
+            first_doc += len(src)
+        return out
+
+    generic = Corpus(*splits(counts, x, names, shuffle=True), names, "builtin:generic")
+    spec_pool = {"target": x["target"][sum(counts["target"]):]}  # the draws after the generic ones
+    specific = Corpus(*splits({"target": n_spec}, spec_pool, ["target"], shuffle=False),
+                      ["target"], "builtin:specific")
+    base = np.bincount(generic.train.source_id.numpy(), minlength=len(names)) / max(1, len(generic.train))
+    info = {"target_source": "target", "oracle": dict(ORACLE),
+            "base_rate": {s: float(base[k]) for k, s in enumerate(names)}}
+    return generic, specific, info
+
+
+# -----------------------------------------------------------------------------
+# sampling
+
+class Sampler:
+    """Uniform sampling of batches from an Examples set, sample(D, n) in the
+    paper: n i.i.d. uniform draws (with replacement). Owns its generator, so
+    each data stream is reproducible and resumable on its own."""
+
+    def __init__(self, n: int, seed: int):
+        if n < 1:
+            raise ValueError(f"Sampler needs a non-empty set, got n={n}")
+        self.n = n
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sample(self, n: int) -> torch.LongTensor:
+        # (n,) int64 indices in [0, self.n)
+        return torch.randint(self.n, (n,), generator=self.generator)
+
+    def state_dict(self) -> dict:
+        return {"rng": self.generator.get_state()}  # ByteTensor: loads with weights_only=True
+
+    def load_state_dict(self, d) -> None:
+        self.generator.set_state(d["rng"])

@@ -1,0 +1,99 @@
+"""
+The weighting network w(x; α) and the filter of Algorithm 1.
+
+Section 4 of the paper: a small network, much cheaper than the main model, that scores every
+generic example; over a batch B the scores become a distribution,
+
+    w(x; α) = exp(s(x; α)) / Σ_{x'∈B} exp(s(x'; α))          (softmax over the batch)
+
+Architecture (paper Table 1: "convolutional network ... followed by mean pooling, latent dimension
+128"; reference code: byte embedding 256→128, one causal Conv1D of kernel 7 with ReLU, a Dense(1)
+per-byte score, masked mean over non-pad bytes, ~150k parameters). We follow the reference code
+(one convolution; `n_conv` adds more) and let the latent width be set (`dim`): a narrower weighter
+keeps the scoring of a big batch cheap on a CPU.
+
+The filter (section 4.2, Algorithm 1, Table 7) turns w over the big batch B_generic^big into the
+small batch the main model trains on:
+  - `importance`:          b draws with replacement from w (unbiased for Σ w ℓ);
+  - `without_replacement`: b draws without replacement from w, by the Gumbel top-k trick
+                           (top_k(log w + Gumbel noise)); the paper's default;
+  - `top`:                 the b highest weights, deterministic.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Weighter(nn.Module):
+    """s(x; α): one real score per byte sequence. Also the domain classifier's network (logit head)."""
+
+    def __init__(self, dim=128, kernel=7, n_conv=1):
+        super().__init__()
+        self.kernel = kernel
+        self.embed = nn.Embedding(256, dim)
+        self.convs = nn.ModuleList([nn.Conv1d(dim, dim, kernel) for _ in range(n_conv)])
+        self.head = nn.Linear(dim, 1)
+        # Anograd's head, w = softplus(a)·softmax(s) (reference code); unused by the other methods
+        self.a = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        """x: (B, T) uint8 → s(x; α): (B,) one score per sequence."""
+        h = self.embed(x.long()).transpose(1, 2)              # (B, dim, T)
+        for conv in self.convs:
+            h = F.relu(conv(F.pad(h, (self.kernel - 1, 0))))  # causal: left-pad by kernel-1, (B, dim, T)
+        per_byte = self.head(h.transpose(1, 2)).squeeze(-1)   # (B, T) a score per byte
+        mask = (x != 0).float()                               # (B, T) non-pad bytes
+        return (per_byte * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B,) masked mean
+
+    def weights(self, x):
+        """w(x; α) over the batch x: softmax of the scores. (B,), sums to one."""
+        return torch.softmax(self(x), dim=0)
+
+    def anograd_weights(self, x):
+        """Anograd's head (reference code): softplus(a)·softmax(s). Positive, scale learned."""
+        return F.softplus(self.a) * self.weights(x)
+
+
+class LossWeighter(nn.Module):
+    """Meta-Weight-Net (Shu et al. 2019): the weight is an MLP of the example's loss only,
+    w(x; α) = mlp(ℓ(x; θ); α), 100 hidden units; normalised over the batch like `Weighter`."""
+
+    def __init__(self, hidden=100):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, losses):
+        """losses: (B,) per-example losses ℓ(x; θ), treated as data (detached) → scores (B,)."""
+        return self.mlp(losses.detach()[:, None]).squeeze(-1)
+
+    def weights(self, losses):
+        return torch.softmax(self(losses), dim=0)
+
+
+@torch.no_grad()
+def score(weighter, x, chunk=4096):
+    """s(x; α) for a big batch, without a graph, in chunks that bound memory. x: (N, T) → (N,)"""
+    return torch.cat([weighter(x[i:i + chunk]).float() for i in range(0, len(x), chunk)])
+
+
+def filter_batch(s, b, how, generator=None):
+    """filter(B, α, b) of Algorithm 1: indices of the b examples (of |B| = len(s)) to train on.
+
+    s: (|B|,) scores, so that log w = s − logsumexp(s); returns (b,) long indices into B."""
+    if how == "importance":
+        # b i.i.d. draws from w (with replacement): unbiased for Σ_B w ℓ, but repeats examples
+        return torch.multinomial(torch.softmax(s, 0), b, replacement=True, generator=generator)
+    if how == "without_replacement":
+        # Gumbel top-k: top_k(log w + G), G = −log(−log U), U ~ Uniform(0, 1), is a draw of b
+        # distinct examples, each next one ∝ w among those not yet drawn
+        u = torch.rand(s.shape, generator=generator, device=s.device).clamp_(1e-20, 1.0)
+        return torch.topk(s - torch.log(-torch.log(u)), b).indices
+    if how == "top":
+        return torch.topk(s, b).indices
+    raise ValueError(f"unknown filter {how!r}")
+
+
+def effective_sample_size(w):
+    """ESS = (Σ w)² / Σ w² of a weight vector: |B| for uniform weights, 1 for a one-hot."""
+    return (w.sum() ** 2 / (w ** 2).sum()).item()
