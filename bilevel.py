@@ -16,6 +16,7 @@ with a direction u in θ-space that depends on the method:
     SOBA     u = v                       (the linear-system estimate −H⁻¹∇L_specific)
     Anograd  u = ∂(−cos)/∂g              (the derivative of the cosine w.r.t. the generic gradient)
     LTR      u = −lr ∇L_specific(θ)      (Eq. 3 at ε = 0, one batch, no weighting network)
+    MWN      u = −ρ ∇L_specific(θ')      (DDS, with w = softmax(mlp(ℓ(x; θ); α)), Meta-Weight-Net)
 
 The inner products c(x) = ⟨∇ℓ(x; θ), u⟩ for a whole batch are ONE Jacobian–vector product of
 the per-example losses, ∂/∂t ℓ(x; θ + t u) at t = 0 (forward-mode autodiff, `per_example_dot`):
@@ -28,7 +29,9 @@ parameters), ρ (`rho`), η (`eta`), v, B_generic (`x_generic`), B_specific (`x_
 """
 
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call, jvp
+from tqdm import tqdm
 
 from model import second_order
 
@@ -56,8 +59,8 @@ def grad_at(model, theta, x, weights=None):
 
 
 def dot(a, b):
-    """⟨a, b⟩ for two parameter-shaped dicts."""
-    return sum((a[k].float() * b[k].float()).sum() for k in a)
+    """⟨a, b⟩ for two parameter-shaped dicts, in float32 at least (float64 stays float64)."""
+    return sum((a[k].to(torch.promote_types(a[k].dtype, torch.float32)) * b[k]).sum() for k in a)
 
 
 def per_example_dot(model, theta, x, u):
@@ -81,7 +84,7 @@ def backward_to_alpha(c, w):
 # ----------------------------------------------------------------------------------------------
 # DDS: differentiable data selection, one unrolled step (section 4.3.1, Eq. 3)
 
-def dds_step(model, weighter, x_generic, x_specific, rho):
+def dds_step(model, weighter, x_generic, x_specific, rho, w=None):
     """Sets α.grad to ∇_α L(α) of Eq. (3) and returns L(α).
 
         L(α) = mean_{x'∈B_specific} ℓ(x'; u(θ, α)),   u(θ, α) = θ − ρ Σ_{x∈B_generic} w(x; α) ∇_θ ℓ(x; θ)
@@ -91,9 +94,13 @@ def dds_step(model, weighter, x_generic, x_specific, rho):
     because u(θ, α) is linear in the weights: ∂u/∂w(x) = −ρ ∇_θ ℓ(x; θ), so
         ∂L/∂w(x) = −ρ ⟨∇_θ L(θ'), ∇_θ ℓ(x; θ)⟩ and ∇_α L = Σ_x ∂L/∂w(x) ∇_α w(x; α).
     (tests/test_bilevel.py checks it against reverse-over-reverse autograd and finite differences.)
+
+    w: the (b,) weights w(x; α) with their graph to α; by default the byte CNN's softmax,
+    weighter.weights(x_generic). Meta-Weight-Net passes its own, softmax(mlp(ℓ(x; θ); α)).
     """
     theta = theta_of(model)
-    w = weighter.weights(x_generic)                                      # (b,) w(x; α), graph to α
+    if w is None:
+        w = weighter.weights(x_generic)                                  # (b,) w(x; α), graph to α
     # g_generic = Σ_x w(x; α) ∇_θ ℓ(x; θ)
     g_generic, _ = grad_at(model, theta, x_generic, weights=w)
     # θ' = u(θ, α) = θ − ρ g_generic
@@ -130,7 +137,8 @@ def soba_step(model, weighter, x_generic, x_specific, v):
     theta = theta_of(model)
     names, params = list(theta), list(theta.values())
     b = x_generic.shape[0]
-    eps = torch.full((b,), 1.0 / b, device=x_generic.device, requires_grad=True)  # (b,) ε = 1/b
+    eps = torch.full((b,), 1.0 / b, device=x_generic.device, requires_grad=True,
+                     dtype=next(iter(theta.values())).dtype)                     # (b,) ε = 1/b
     with second_order():
         losses = model(x_generic)                                               # (b,) ℓ(x; θ)
         g = torch.autograd.grad((eps * losses).sum(), params, create_graph=True)
@@ -172,3 +180,187 @@ def anograd_step(model, weighter, x_generic, x_specific):
     _, c = per_example_dot(model, theta, x_generic, q)                       # (b,) ∂(−cos)/∂w(x)
     backward_to_alpha(c, w)
     return -cos.detach()
+
+
+# ==============================================================================================
+# The paper's other baselines (section 5.1, Tables 2-5): CDS, the domain classifier, Learning to
+# Reweight (LTR) and Meta-Weight-Net (MWN). train.py runs them (`step_cds`, `step_classifier`,
+# `step_ltr`, `step_mwn`); tests/test_baselines.py checks each against an independent computation.
+
+@torch.no_grad()
+def losses_of(model, x, batch_size=256, device="cpu", desc=None):
+    """ℓ(x; θ) for every row of x, in batches, in eval mode: (N, T) uint8 → (N,) float32 on the CPU.
+    The caller picks the precision (autocast); desc labels a tqdm bar (None: no bar)."""
+    was_training = model.training
+    model.eval()
+    starts = tqdm(range(0, len(x), batch_size), desc=desc, disable=True if desc is None else None,
+                  leave=False, dynamic_ncols=True)
+    out = [model(x[i:i + batch_size].to(device)).float().cpu() for i in starts]   # [(batch,) ℓ(x; θ)]
+    model.train(was_training)
+    return torch.cat(out)                                                        # (N,)
+
+
+def cds_delta(model, tuned, x, batch_size=256, device="cpu"):
+    """Contrastive Data Selection (section 2; Moore & Lewis 2010): the loss change of every generic
+    example between the pretrained model θ (phase i) and its copy θ_ft fine-tuned on the specific
+    data (phase ii),
+
+        Δ(x) = ℓ(x; θ_ft) − ℓ(x; θ)          (N,); negative: fine-tuning made x more likely
+
+    Phase (iii) keeps "the generic data whose loss improvement ... is the greatest": the most
+    negative Δ (train.py: the top-b of −Δ within each big batch B, as the reference code does)."""
+    before = losses_of(model, x, batch_size, device, desc="CDS: score generic with θ")        # (N,)
+    after = losses_of(tuned, x, batch_size, device, desc="CDS: score generic with θ_ft")      # (N,)
+    return after - before
+
+
+def classifier_step(weighter, x_generic, x_specific):
+    """Domain classifier (section 5.1): sets α.grad to the gradient of the binary cross-entropy of
+    the logit s(x; α) (the weighting network's architecture, `Weighter`), generic = 0, specific = 1,
+    and returns the loss. With a balanced batch (as many generic as specific rows):
+
+        L(α) = −½ mean_{x'∈B_specific} log σ(s(x'; α)) − ½ mean_{x∈B_generic} log(1 − σ(s(x; α)))
+
+    σ(s(x; α)) estimates P(specific | x); the selection keeps the highest logits."""
+    s = weighter(torch.cat([x_generic, x_specific])).float()                    # (n_g + n_s,) logits
+    y = torch.cat([torch.zeros(len(x_generic)), torch.ones(len(x_specific))]).to(s.device)  # (n_g + n_s,)
+    loss = F.binary_cross_entropy_with_logits(s, y)
+    loss.backward()
+    return loss.detach()
+
+
+def ltr_weights(model, x_generic, x_specific, lr):
+    """Learning to Reweight (Ren et al. 2018): weights for ONE batch, no weighting network.
+
+    Give each generic example a free weight ε_i, look one SGD step ahead, and differentiate the
+    specific loss w.r.t. ε at ε = 0 (where θ' = θ):
+
+        θ'(ε) = θ − lr Σ_i ε_i ∇_θ ℓ(x_i; θ)
+        w̃_i   = max(−∂L_specific(θ'(ε))/∂ε_i |_{ε=0}, 0) = max(lr ⟨∇L_specific(θ), ∇ℓ(x_i; θ)⟩, 0)
+        w_i   = w̃_i / Σ_j w̃_j                 (uniform when every w̃_i = 0)
+
+    (The paper's text speaks of one step "from uniform"; we follow Ren et al. and the reference
+    code: ε = 0, clipped at 0, normalised. lr only scales w̃, so it cancels in w.)
+    All ⟨∇L_specific, ∇ℓ(x_i)⟩ come from ONE JVP (`per_example_dot`): no per-example gradients,
+    but the main model's forward and JVP at EVERY example of the batch. Returns (w, ℓ(x; θ)), (b,)."""
+    theta = theta_of(model)
+    # ∇L_specific(θ) on B_specific
+    g_specific, _ = grad_at(model, theta, x_specific)
+    # c_i = ⟨∇ℓ(x_i; θ), ∇L_specific(θ)⟩ for every x_i ∈ B_generic
+    losses, c = per_example_dot(model, theta, x_generic, g_specific)            # (b,), (b,)
+    # w̃_i = max(lr c_i, 0)
+    w_tilde = (lr * c.float()).clamp(min=0.0)                                   # (b,)
+    total = w_tilde.sum()
+    # w = w̃ / Σ w̃, or uniform if Σ w̃ = 0
+    w = w_tilde / total if total > 0 else torch.full_like(w_tilde, 1.0 / len(w_tilde))
+    return w, losses
+
+
+def mwn_step(model, loss_weighter, x_generic, losses, x_specific, rho):
+    """Meta-Weight-Net (Shu et al. 2019), "a particular, simple case of DDS in which the weight
+    model takes as input a single scalar for each example: the example loss" (section 5.1):
+
+        w(x; α) = softmax_{x∈B_generic}(mlp(ℓ(x; θ); α))        (`LossWeighter`, 100 hidden units)
+
+    then the DDS outer update of Eq. (3) unchanged. ℓ(x; θ) enters the MLP as data (detached):
+    α's gradient flows through the look-ahead only, as for DDS. losses: (b,) ℓ(x; θ) of x_generic.
+    Sets α.grad, returns L(α)."""
+    return dds_step(model, loss_weighter, x_generic, x_specific, rho, w=loss_weighter.weights(losses))
+
+
+# ==============================================================================================
+# ScaleBiO: first-order bilevel reweighting of data SOURCES (Pan et al. 2024, "ScaleBiO")
+#
+# A second, simpler way to learn a training distribution: no weighting network, one weight per
+# data source, λ = softmax(p) (p: one logit per source, zeros at start). The bilevel problem
+#     min_λ  L1(w*(λ))    s.t.  w*(λ) ∈ argmin_w L2(w, λ),
+#     L1(w)    = mean loss on a specific (validation) batch,
+#     L2(w, λ) = Σ_s λ_s · (mean loss of the batch's examples from source s),
+# is turned into a minimax problem that needs first-order gradients only:
+#     min_{p, w} max_u  L1(w) + α·[L2(w, λ) − L2(u, λ)],      λ = softmax(p).
+# max_u −α L2(u, λ) = −α min_u L2(u, λ): u tracks w*(λ); the bracket L2(w, λ) − min L2 ≥ 0 is a
+# penalty on w for not minimising L2, and as α → ∞ the solutions approach the bilevel ones.
+# NAME CLASH: ScaleBiO's α is this constant penalty weight (config `scalebio_alpha`), NOT the
+# weighting network's parameters α of the sections above.
+#
+# Why ∇_p is a hypergradient: with u ≈ w*(λ) and w ≈ w*(λ) − (1/α) H⁻¹∇L1 (w is pulled toward the
+# validation loss), α·[L2_s(w) − L2_s(u)] ≈ −⟨∇L2_s, H⁻¹∇L1⟩: a source whose gradient helps the
+# validation loss has L2_s(w) < L2_s(u), and descent on p raises its weight.
+#
+# One step (as the authors run it), all three gradients at the PRE-update u, w:
+#   1. u:  descent on α·L2(u, λ)                       (u tracks argmin_u L2(u, λ))
+#   2. w:  descent on L1(w) + α·L2(w, λ)
+#   3. p:  descent on α·∇_p[L2(w, λ) − L2(u, λ)]      (the losses are constants for p)
+# AdamW on u and w (weight decay 5e-4), AdamW on p (lr 1e-2); α constant. The generic batch is
+# UNIFORM; λ only reweights its per-source mean losses (it does not change what is sampled).
+
+def per_source_mean(losses, source_id, n_sources):
+    """L2_s for every source s: the mean of the batch's losses from s; 0 for a source that has no
+    example in the batch (it then contributes 0 to L2 and gets no gradient). losses: (B,),
+    source_id: (B,) long → (K,)"""
+    # Σ_{i: s_i = s} ℓ_i
+    total = torch.zeros(n_sources, dtype=losses.dtype, device=losses.device).index_add(0, source_id, losses)  # (K,)
+    # n_s = |{i: s_i = s}|
+    count = torch.bincount(source_id, minlength=n_sources).to(losses.dtype)                      # (K,)
+    return total / count.clamp(min=1)                                                            # (K,)
+
+
+def L2(losses, source_id, lam):
+    """L2(·, λ) = Σ_s λ_s · mean_{i: s_i = s} ℓ_i. losses: (B,), lam: (K,) → scalar"""
+    return (lam * per_source_mean(losses, source_id, len(lam))).sum()
+
+
+def scalebio_step(w, u, p, x_generic, source_id, x_specific, alpha):
+    """Sets .grad of w's, u's parameters and of p for one ScaleBiO step; returns a dict of floats.
+
+    w: the main model (kept), u: the auxiliary copy, p: (K,) logits, λ = softmax(p);
+    x_generic: (B, T) a uniform generic batch, source_id: (B,) its sources; x_specific: (B', T).
+    The caller zeroes the gradients before and steps the three optimizers after. Parameters with
+    requires_grad=False (blocks frozen by LISA below) get no gradient."""
+    lam = torch.softmax(p, 0)                                            # (K,) λ, graph to p
+    K = lam.shape[0]
+    # 1. ∇_u α·L2(u, λ)   (λ is a constant for u)
+    losses_u = u(x_generic).float()                                      # (B,) ℓ(x; u)
+    m_u = per_source_mean(losses_u, source_id, K)                        # (K,) L2_s(u)
+    (alpha * (lam.detach() * m_u).sum()).backward()
+    # 2. ∇_w [L1(w) + α·L2(w, λ)]
+    losses_w = w(x_generic).float()                                      # (B,) ℓ(x; w)
+    m_w = per_source_mean(losses_w, source_id, K)                        # (K,) L2_s(w)
+    L1 = w(x_specific).float().mean()                                    # L1(w)
+    (L1 + alpha * (lam.detach() * m_w).sum()).backward()
+    # 3. ∇_p α·[L2(w, λ) − L2(u, λ)] = α·J_softmax(p)ᵀ (m_w − m_u), J = diag(λ) − λλᵀ
+    gap = (m_w - m_u).detach()                                           # (K,) L2_s(w) − L2_s(u)
+    (alpha * (lam * gap).sum()).backward()
+    return {"L1": L1.item(), "L2_w": (lam * m_w).sum().item(), "L2_u": (lam * m_u).sum().item(),
+            "gap": (lam * gap).sum().item(), "train_loss": losses_w.mean().item()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Randomized block coordinate descent (LISA-style), ScaleBiO's way to scale to big models
+#
+# Every `lisa_interval` steps, `lisa_layers` transformer blocks drawn at random (without
+# replacement) train and all other blocks are frozen; embeddings, the final norm and the (tied)
+# output head always train. u and w draw their blocks independently.
+# Memory saved: weights and activations stay (backward still runs through every block, since the
+# embeddings below them train), but gradients and AdamW's two moment buffers exist only for the
+# active blocks: 3·(k·P_block + P_rest) floats instead of 3·(L·P_block + P_rest), for u and for w.
+# A frozen parameter has requires_grad=False, so it gets no .grad, and AdamW skips a parameter
+# whose .grad is None: no weight decay, no momentum for frozen blocks. Their AdamW state is
+# DROPPED when they freeze (that is the memory saving); a block that becomes active again starts
+# with fresh moments.
+
+def lisa_sample(n_layer, n_active, generator):
+    """The active blocks: n_active distinct indices of range(n_layer), sorted (a list of ints)."""
+    return sorted(torch.randperm(n_layer, generator=generator)[:n_active].tolist())
+
+
+def lisa_freeze(model, active, opt=None):
+    """Train exactly the blocks in `active` (and everything outside model.blocks); drop the
+    optimizer state of the frozen blocks' parameters."""
+    for i, block in enumerate(model.blocks):
+        for prm in block.parameters():
+            prm.requires_grad_(i in active)
+            if i not in active:
+                prm.grad = None
+                if opt is not None:
+                    opt.state.pop(prm, None)

@@ -429,3 +429,31 @@ class Sampler:
 
     def load_state_dict(self, d) -> None:
         self.generator.set_state(d["rng"])
+
+
+# -----------------------------------------------------------------------------
+# the denoising setting (ScaleBiO's denoising experiment)
+
+def noise_rates(K: int) -> list:
+    """Corruption probability of source k = 0..K-1: min(1, 2k/K). With K = 10 (the ScaleBiO
+    setting, "source k corrupted with probability 0.2·k"): 0, .2, .4, .6, .8 for the first half
+    and 1 (pure noise) for the second half."""
+    return [min(1.0, 2.0 * k / K) for k in range(K)]
+
+
+def noisy_sources(examples: Examples, K: int, seed: int) -> Examples:
+    """Re-label a (clean) Examples set into K equal sources at random, and corrupt each example of
+    source k with probability noise_rates(K)[k]: its non-pad bytes are replaced by uniformly
+    random printable bytes (32..126), its length (padding) is kept. Source names say the rate,
+    e.g. "s3_noise0.6". Deterministic in seed; the input is not modified."""
+    g = torch.Generator().manual_seed(seed)
+    N = len(examples)
+    rates = torch.tensor(noise_rates(K))                                        # (K,)
+    source_id = torch.randperm(N, generator=g) % K                              # (N,) equal sizes, random
+    corrupt = torch.rand(N, generator=g) < rates[source_id]                     # (N,) bool
+    x = examples.x.clone()                                                      # (N, T) uint8
+    noise = torch.randint(32, 127, x.shape, generator=g, dtype=torch.uint8)     # (N, T)
+    keep = (x == 0) | ~corrupt[:, None]                                         # (N, T) padding or clean row
+    x = torch.where(keep, x, noise)
+    names = [f"s{k}_noise{r:.1f}" for k, r in enumerate(rates.tolist())]
+    return Examples(x, source_id, examples.doc_id.clone(), names)

@@ -139,7 +139,8 @@ class ByteLM(nn.Module):
         The forward pass returns per-example losses (not logits) so that the bilevel updates can
         write ℓ(x; θ') as `functional_call(model, θ', (x,))` for any parameters θ'."""
         logits = self.logits(x)                                                     # (B, T, 256)
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), x.long().flatten(),
+        # at least float32 (bf16 under autocast is upcast), but a float64 model stays float64
+        nll = F.cross_entropy(logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)), x.long().flatten(),
                               reduction="none").view(x.shape)                  # (B, T)
         mask = (x != 0).float()                                                # (B, T)
         return (nll * mask).sum(1) / mask.sum(1).clamp(min=1.0)                # (B,)

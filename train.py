@@ -11,6 +11,7 @@ type), `--preset=NAME` first applies one of the named blocks in PRESETS. The res
 is printed and saved with the run.
 """
 
+import copy
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from tqdm import tqdm
 import bilevel
 import data
 from model import ByteLM, ModelConfig
-from weighter import Weighter, effective_sample_size, filter_batch, score
+from weighter import LossWeighter, Weighter, effective_sample_size, filter_batch, score
 
 # -----------------------------------------------------------------------------------------------
 # default config values: the built-in experiment, small enough for a 2-core CPU in a few minutes
@@ -33,12 +34,12 @@ from weighter import Weighter, effective_sample_size, filter_batch, score
 out_dir = "out"
 generic = ""            # corpus path(s): file, directory, glob or comma list; "" = built-in synthetic corpus
 specific = ""           # idem; several specific sets separated by ";" = multi-task outer loss (Appendix B)
-doc_mode = "chunk"      # "chunk": every seq_len window of a document; "first": its first seq_len bytes (paper)
+doc_mode = "first"      # "first": a document's first seq_len bytes (paper, the default); "chunk": all its windows
 resume = False          # continue from out_dir/ckpt.pt
 seed = 0
 device = "auto"         # "auto" = cuda if available, else cpu
 preset = ""             # "cpu" | "small" | "paper": see PRESETS
-# method: baseline | mixing | specific | dds | soba | anograd
+# method: baseline | mixing | specific | dds | soba | anograd | scalebio | cds | classifier | ltr | mwn
 method = "soba"
 # main model θ (paper Table 1 is the "paper" preset)
 n_layer = 2
@@ -69,6 +70,21 @@ filter = "without_replacement"  # importance | without_replacement | top (paper 
 outer_every = 1         # run the outer update every k steps (1 = every step, the paper)
 # baselines
 generic_weight = 0.9    # mixing: g = 0.9 g_generic + 0.1 g_specific (reference)
+cds_pretrain_steps = 0  # CDS phase (i): uniform steps before scoring, counted in max_steps; 0 = max_steps // 4
+cds_finetune_steps = 100  # CDS phase (ii): steps fine-tuning a copy of θ on the specific set before re-scoring
+# ScaleBiO (--method=scalebio, see bilevel.py): min_{p,w} max_u L1(w) + α·[L2(w, λ) − L2(u, λ)], λ = softmax(p)
+scalebio_alpha = 10.0   # α: the constant penalty weight (NOT the weighting network's α); authors: 10 to 100
+scalebio_lr_p = 1e-2    # AdamW lr of the source logits p, scaled by the main lr schedule like u and w
+scalebio_weight_decay = 5e-4  # AdamW weight decay of u and w (the authors' value)
+lisa = False            # randomized block coordinate descent for u and w (ScaleBiO; LISA-style)
+lisa_interval = 20      # resample the active blocks every this many steps
+lisa_layers = 2         # number of active transformer blocks (embeddings, final norm, head always train)
+# denoising setting: re-label generic examples into K sources, source k corrupted with prob min(1, 2k/K)
+noise_sources = 0       # K; 0 = off. K = 10: sources 0..4 corrupted 0, .2, .4, .6, .8; 5..9 pure noise
+# section 6 experiments (see "fixed weighting networks" below): Algorithm 1's filter with α trained elsewhere
+weighter_ckpt = ""      # frozen: a run dir / ckpt.pt / weighters/step_N.pt whose weighting network α is kept fixed
+weighter_trajectory = ""  # shuffled: a run dir (or its weighters/ dir) whose saved α_t are replayed in a random order σ
+save_weighter_every = 0  # runs that learn α save it to out_dir/weighters/step_N.pt: every k steps; 0 = every eval; <0 = never
 # evaluation
 eval_interval = 100
 eval_examples = 2000    # evaluate on (a fixed subset of) this many examples per set; 0 = all
@@ -76,9 +92,9 @@ eval_batch_size = 256
 # -----------------------------------------------------------------------------------------------
 PRESETS = {
     # a meaningful real-corpus experiment in minutes on a 2-core CPU (see README for timings)
-    "cpu": dict(n_layer=2, n_head=4, n_embd=128, n_hidden=512, seq_len=128, dropout=0.0,
+    "cpu": dict(n_layer=2, n_head=4, n_embd=64, n_hidden=256, seq_len=128, dropout=0.0,
                 weighter_dim=32, batch_size=32, big_batch_size=512, specific_batch_size=32,
-                max_steps=1500, warmup=200, eval_interval=250, eval_examples=2000),
+                max_steps=600, warmup=200, eval_interval=150, eval_examples=2000),
     # the paper's small model (Table 9), for the transfer study of section 6.4
     "small": dict(n_layer=4, n_head=4, n_embd=128, n_hidden=512, seq_len=256, dropout=0.1,
                   weighter_dim=128, batch_size=128, big_batch_size=16384, specific_batch_size=128,
@@ -88,8 +104,14 @@ PRESETS = {
                   weighter_dim=128, batch_size=128, big_batch_size=16384, specific_batch_size=128,
                   max_steps=300_000, warmup=1000, eval_interval=5000, eval_examples=0),
 }
-METHODS = ("baseline", "mixing", "specific", "dds", "soba", "anograd")
+METHODS = ("baseline", "mixing", "specific", "dds", "soba", "anograd", "scalebio")
 SPARSE = ("dds", "soba", "anograd")   # Algorithm 1 with a learned weighting network
+BASELINES = ("cds", "classifier", "ltr", "mwn")   # the paper's other baselines (section 5.1)
+METHODS += BASELINES
+SELECTING = SPARSE + ("cds", "classifier", "mwn")   # methods that keep b of a big batch B
+FIXED = ("frozen", "shuffled")   # section 6: Algorithm 1's filter with a fixed α trained by another run
+METHODS += FIXED
+SELECTING += FIXED
 # settings a resumed run may change without changing what it computes
 RESUMABLE = {"resume", "device", "out_dir"}
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
@@ -143,7 +165,7 @@ def check(cfg):
     for k in ("max_steps", "finetune_steps", "eval_examples"):
         if cfg[k] < 0:
             raise ConfigError(f"--{k}: must be non-negative, got {cfg[k]}")
-    if cfg["method"] in SPARSE and cfg["batch_size"] > cfg["big_batch_size"]:
+    if cfg["method"] in SELECTING and cfg["batch_size"] > cfg["big_batch_size"]:
         raise ConfigError(f"--batch_size: {cfg['batch_size']} is larger than --big_batch_size={cfg['big_batch_size']}")
     if cfg["n_embd"] % cfg["n_head"]:
         raise ConfigError(f"--n_embd: {cfg['n_embd']} is not a multiple of --n_head={cfg['n_head']}")
@@ -153,6 +175,23 @@ def check(cfg):
         raise ConfigError(f"--soba_v_optim: expected adam or sgd, got {cfg['soba_v_optim']!r}")
     if cfg["doc_mode"] not in ("chunk", "first"):
         raise ConfigError(f"--doc_mode: expected chunk or first, got {cfg['doc_mode']!r}")
+    check_scalebio(cfg)
+    check_baselines(cfg)
+    check_fixed(cfg)
+
+
+def check_scalebio(cfg):
+    """ScaleBiO / LISA / denoising settings."""
+    if cfg["scalebio_alpha"] <= 0:
+        raise ConfigError(f"--scalebio_alpha: must be positive, got {cfg['scalebio_alpha']}")
+    if cfg["lisa_interval"] <= 0:
+        raise ConfigError(f"--lisa_interval: must be positive, got {cfg['lisa_interval']}")
+    if cfg["lisa"] and not 0 < cfg["lisa_layers"] <= cfg["n_layer"]:
+        raise ConfigError(f"--lisa_layers: must be in 1..n_layer={cfg['n_layer']}, got {cfg['lisa_layers']}")
+    if cfg["lisa"] and cfg["method"] != "scalebio":
+        raise ConfigError("--lisa: only --method=scalebio uses randomized block coordinate descent")
+    if cfg["noise_sources"] < 0 or cfg["noise_sources"] == 1:
+        raise ConfigError(f"--noise_sources: must be 0 (off) or at least 2, got {cfg['noise_sources']}")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -170,11 +209,13 @@ def load_data(cfg):
         specifics = [data.load_corpus(spec, cfg["seq_len"], cfg["doc_mode"], flag="--specific")
                      for spec in cfg["specific"].split(";")]
         info = {}
+    if cfg["noise_sources"]:
+        g, info = noisy_corpus(g, cfg["noise_sources"], cfg["seed"]), {}   # the denoising setting
     for s in specifics:
         if len(s.train) < cfg["specific_batch_size"] or len(s.valid) == 0 or len(s.test) == 0:
             raise ConfigError(f"--specific: {s.name} has {len(s.train)} training examples (fewer than "
                               f"--specific_batch_size={cfg['specific_batch_size']}) or an empty valid/test split")
-    if len(g.train) < cfg["big_batch_size"] and cfg["method"] in SPARSE:
+    if len(g.train) < cfg["big_batch_size"] and cfg["method"] in SELECTING:
         raise ConfigError(f"--generic: {len(g.train)} training examples, fewer than --big_batch_size")
     return g, specifics, info
 
@@ -222,9 +263,10 @@ def lr_at(step, cfg):
     return cfg["lr"] * min(s / cfg["warmup"], math.sqrt(cfg["warmup"] / s))
 
 
-def main_update(ctx, x=None, grads=None, specific_x=None):
-    """One AdamW step on θ: on the uniform mean loss of x, or along precomputed grads; mixing adds
-    a specific batch with weight 1 − generic_weight. Returns the (generic) training loss."""
+def main_update(ctx, x=None, grads=None, specific_x=None, weights=None):
+    """One AdamW step on θ: on the uniform mean loss of x (or Σ_i weights_i ℓ(x_i; θ), LTR), or along
+    precomputed grads; mixing adds a specific batch with weight 1 − generic_weight. Returns the
+    (generic) training loss."""
     ctx.opt.zero_grad(set_to_none=True)
     if grads is not None:
         for k, p in ctx.model.named_parameters():
@@ -232,7 +274,8 @@ def main_update(ctx, x=None, grads=None, specific_x=None):
         loss = torch.tensor(ctx.last_loss)
     else:
         with ctx.autocast():
-            loss = ctx.model(x).float().mean()
+            losses = ctx.model(x).float()                                   # (b,) ℓ(x; θ)
+            loss = losses.mean() if weights is None else (weights.detach() * losses).sum()
             total = loss if specific_x is None else (ctx.cfg["generic_weight"] * loss + (1 - ctx.cfg["generic_weight"])
                                                      * ctx.model(specific_x).float().mean())
         total.backward()
@@ -319,6 +362,435 @@ STEPS = {"baseline": step_baseline, "mixing": step_mixing, "specific": step_spec
 
 
 # -----------------------------------------------------------------------------------------------
+# ScaleBiO (bilevel.py): source weights λ = softmax(p), the auxiliary model u, LISA, denoising.
+# The main model w is ctx.model (the one evaluated and kept); its optimizer is ctx.opt.
+
+def setup_scalebio(ctx):
+    """u (a copy of w at step 0), p = 0 (λ uniform), AdamW for u, w (weight decay
+    scalebio_weight_decay) and p; one LISA generator for u and one for w."""
+    cfg = ctx.cfg
+    ctx.u = ctx.p = ctx.u_opt = ctx.p_opt = None
+    ctx.lisa_gen, ctx.lisa_active = {}, {}
+    if cfg["method"] != "scalebio":
+        return
+    ctx.u = copy.deepcopy(ctx.model)                                       # u: same weights as w
+    ctx.p = torch.zeros(len(ctx.generic.sources), device=ctx.device, requires_grad=True)   # (K,) p
+
+    def adamw(params, lr, wd):
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), eps=1e-9, weight_decay=wd)
+    ctx.opt = adamw(ctx.model.parameters(), cfg["lr"], cfg["scalebio_weight_decay"])    # w
+    ctx.u_opt = adamw(ctx.u.parameters(), cfg["lr"], cfg["scalebio_weight_decay"])      # u
+    # no weight decay on p: it would pull λ back toward uniform
+    ctx.p_opt = adamw([ctx.p], cfg["scalebio_lr_p"], 0.0)
+    for i, k in enumerate(("u", "w")):                   # u and w draw their blocks independently
+        ctx.lisa_gen[k] = torch.Generator().manual_seed(cfg["seed"] + 200 + i)
+        ctx.lisa_active[k] = list(range(cfg["n_layer"]))  # every block trains until the first draw
+
+
+def lisa_models(ctx):
+    return (("u", ctx.u, ctx.u_opt), ("w", ctx.model, ctx.opt))
+
+
+def lisa_resample(ctx):
+    """Randomized block coordinate descent: draw new active blocks for u and for w, freeze the rest."""
+    for k, model, opt in lisa_models(ctx):
+        ctx.lisa_active[k] = bilevel.lisa_sample(ctx.cfg["n_layer"], ctx.cfg["lisa_layers"], ctx.lisa_gen[k])
+        bilevel.lisa_freeze(model, ctx.lisa_active[k], opt)
+
+
+def step_scalebio(ctx, step):
+    """One ScaleBiO step (bilevel.scalebio_step) on a UNIFORM generic batch and a specific batch.
+    Returns None: the batch is uniform; the learned distribution is λ, logged at every evaluation."""
+    cfg = ctx.cfg
+    if cfg["lisa"] and step % cfg["lisa_interval"] == 0:
+        lisa_resample(ctx)
+    idx = ctx.generic_sampler.sample(cfg["batch_size"])                    # (b,) uniform draws
+    x = ctx.generic.train.x[idx].to(ctx.device)                            # (b, T)
+    source_id = ctx.generic.train.source_id[idx].to(ctx.device)            # (b,) s_i
+    # w follows lr_at (set by the loop); u and p follow the same schedule, as the authors do
+    for g in ctx.u_opt.param_groups:
+        g["lr"] = lr_at(step, cfg)
+    for g in ctx.p_opt.param_groups:
+        g["lr"] = cfg["scalebio_lr_p"] * lr_at(step, cfg) / cfg["lr"]
+    for opt in (ctx.opt, ctx.u_opt, ctx.p_opt):
+        opt.zero_grad(set_to_none=True)
+    with ctx.autocast():
+        out = bilevel.scalebio_step(ctx.model, ctx.u, ctx.p, x, source_id, specific_batch(ctx),
+                                    cfg["scalebio_alpha"])
+    if cfg["grad_clip"] > 0:
+        for model in (ctx.model, ctx.u):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+    # the three gradients were all taken at the pre-update (u, w, p); now the three steps
+    for opt in (ctx.opt, ctx.u_opt, ctx.p_opt):
+        opt.step()
+    if cfg["lisa"] and step + 1 == cfg["max_steps"]:
+        # pretraining ends: w trains all its blocks again (fine-tuning, if any, is not LISA)
+        ctx.lisa_active["w"] = list(range(cfg["n_layer"]))
+        bilevel.lisa_freeze(ctx.model, ctx.lisa_active["w"])
+    ctx.last_loss = out.pop("train_loss")                                  # uniform mean ℓ(x; w)
+    ctx.stats.update({f"scalebio_{k}": v for k, v in out.items()})
+    return None
+
+
+def scalebio_log(ctx, phase):
+    """λ per source, as "lambda" and as source_share entries ({"share": λ_s, "base": base rate})."""
+    if ctx.p is None or phase != "pretrain":
+        return {}
+    lam = torch.softmax(ctx.p.detach().float(), 0).tolist()
+    return {"lambda": dict(zip(ctx.generic.sources, lam)),
+            "source_share": {n: {"share": l, "base": b} for n, l, b in zip(ctx.generic.sources, lam, base_rates(ctx))}}
+
+
+def scalebio_state(ctx):
+    if ctx.u is None:
+        return {}
+    return {"scalebio": {"u": ctx.u.state_dict(), "u_opt": ctx.u_opt.state_dict(), "p": ctx.p.detach(),
+                         "p_opt": ctx.p_opt.state_dict(),
+                         "lisa_gen": {k: g.get_state() for k, g in ctx.lisa_gen.items()},
+                         "lisa_active": {k: list(a) for k, a in ctx.lisa_active.items()}}}
+
+
+def load_scalebio(ctx, st):
+    if ctx.u is None:
+        return
+    sb = st["scalebio"]
+    ctx.u.load_state_dict(sb["u"])
+    with torch.no_grad():
+        ctx.p.copy_(sb["p"])
+    for k, model, _ in lisa_models(ctx):
+        ctx.lisa_gen[k].set_state(sb["lisa_gen"][k])
+        ctx.lisa_active[k] = list(sb["lisa_active"][k])
+        bilevel.lisa_freeze(model, ctx.lisa_active[k])
+    ctx.u_opt.load_state_dict(sb["u_opt"])
+    ctx.p_opt.load_state_dict(sb["p_opt"])
+
+
+def noisy_corpus(g, K, seed):
+    """The denoising setting: the generic corpus's train/valid/test re-labelled into K sources,
+    source k corrupted with probability min(1, 2k/K) (data.noisy_sources)."""
+    splits = [data.noisy_sources(e, K, seed + 300 + i) for i, e in enumerate((g.train, g.valid, g.test))]
+    return data.Corpus(*splits, splits[0].sources, f"{g.name}+noise{K}")
+
+
+def noise_halves(summary, ctx):
+    """Denoising verdict: total share (λ for ScaleBiO, trained-on share for the others) of the
+    clean half (sources k < K/2, corruption < 1) and of the corrupted half (pure noise)."""
+    K = ctx.cfg["noise_sources"]
+    if not K or "source_share" not in summary:
+        return {}
+    share = [summary["source_share"][n]["share"] for n in ctx.generic.sources]
+    return {"share_clean_half": sum(share[:K // 2]), "share_corrupted_half": sum(share[K // 2:])}
+
+
+STEPS["scalebio"] = step_scalebio
+
+
+# -----------------------------------------------------------------------------------------------
+# The paper's other baselines (section 5.1, Tables 2-5): CDS, the domain classifier, Learning to
+# Reweight (LTR), Meta-Weight-Net (MWN); their maths is in bilevel.py. CDS, the classifier and MWN
+# keep b examples of a uniform big batch B, like Algorithm 1, and train on them uniformly; LTR
+# trains on a uniform batch of b with per-example weights. Their state: ctx.weighter / ctx.meta_opt
+# (classifier: the `Weighter` CNN with a logit head; MWN: the `LossWeighter` MLP) and ctx.cds.
+
+def cds_pretrain(cfg):
+    """The length of CDS phase (i), in steps (0 in the config = a quarter of max_steps)."""
+    return cfg["cds_pretrain_steps"] or max(1, cfg["max_steps"] // 4)
+
+
+def check_baselines(cfg):
+    if cfg["cds_pretrain_steps"] < 0:
+        raise ConfigError(f"--cds_pretrain_steps: must be non-negative, got {cfg['cds_pretrain_steps']}")
+    if cfg["cds_finetune_steps"] <= 0:
+        raise ConfigError(f"--cds_finetune_steps: must be positive, got {cfg['cds_finetune_steps']}")
+    if cfg["method"] == "cds" and cds_pretrain(cfg) >= cfg["max_steps"]:
+        raise ConfigError(f"--cds_pretrain_steps: {cds_pretrain(cfg)} leaves no selection step within "
+                          f"--max_steps={cfg['max_steps']}")
+
+
+def setup_baselines(ctx):
+    cfg = ctx.cfg
+    ctx.cds = None     # CDS: {"delta": (N,) Δ per generic train example, timings} once computed
+    if cfg["method"] == "classifier":
+        # "the same architecture as the weighting model" (section 5.1); its score is a logit
+        ctx.weighter = Weighter(cfg["weighter_dim"], cfg["weighter_kernel"]).to(ctx.device)
+    elif cfg["method"] == "mwn":
+        ctx.weighter = LossWeighter().to(ctx.device)     # mlp(ℓ(x; θ); α), 100 hidden units
+    if cfg["method"] in ("classifier", "mwn"):
+        ctx.meta_opt = torch.optim.Adam(ctx.weighter.parameters(), lr=cfg["meta_lr"])
+
+
+def big_batch(ctx):
+    """B_generic^big: |B| uniform draws from generic train → (indices (|B|,), x (|B|, T))."""
+    idx_B = ctx.generic_sampler.sample(ctx.cfg["big_batch_size"])
+    return idx_B, ctx.generic.train.x[idx_B].to(ctx.device)
+
+
+# --- CDS: contrastive data selection (section 2) ---
+
+def step_cds(ctx, step):
+    """CDS's four phases (section 2) inside one run of max_steps:
+    (i)   steps < cds_pretrain_steps: uniform generic training, as the baseline;
+    (ii)  then, once: fine-tune a copy θ_ft of the pretrained θ on the specific data;
+    (iii) Δ(x) = ℓ(x; θ_ft) − ℓ(x; θ) for every generic training example (`cds_phase`);
+    (iv)  resume training θ on the examples with the greatest improvement (most negative Δ).
+    The paper restricts the generic set once; we keep the top-b of −Δ within each uniform big
+    batch B, as the reference code does: the same selected fraction b/|B|, drawn online."""
+    if step < cds_pretrain(ctx.cfg):
+        return step_baseline(ctx, step)
+    if ctx.cds is None:
+        ctx.cds = cds_phase(ctx, step)
+        ctx.stats.update(cds_stats(ctx.cds))
+    idx_B, x_B = big_batch(ctx)                                                # (|B|,), (|B|, T)
+    S = torch.topk(-ctx.cds["delta"][idx_B], ctx.cfg["batch_size"]).indices    # (b,) top-b of −Δ
+    ctx.last_loss = main_update(ctx, x_B[S.to(ctx.device)])
+    return idx_B[S]
+
+
+def cds_finetuned_copy(ctx, step):
+    """CDS phase (ii): a copy θ_ft of θ trained cds_finetune_steps steps on specific batches, with a
+    copy of θ's AdamW state and the lr schedule continuing from `step` (as train.py's own
+    fine-tuning). θ and its optimizer are left untouched: phase (iv) resumes the pretrained θ."""
+    cfg = ctx.cfg
+    tuned = copy.deepcopy(ctx.model)
+    opt = torch.optim.AdamW(tuned.parameters(), lr=cfg["lr"], betas=(0.9, 0.98), eps=1e-9,
+                            weight_decay=cfg["weight_decay"])
+    opt.load_state_dict(copy.deepcopy(ctx.opt.state_dict()))   # deep: AdamW updates moments in place
+    for k in range(cfg["cds_finetune_steps"]):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step + k, cfg)
+        opt.zero_grad(set_to_none=True)
+        with ctx.autocast():
+            loss = tuned(specific_batch(ctx)).float().mean()
+        loss.backward()
+        if cfg["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(tuned.parameters(), cfg["grad_clip"])
+        opt.step()
+    return tuned
+
+
+def cds_phase(ctx, step):
+    """CDS phases (ii)-(iii): θ_ft, then Δ for all N generic training examples (bilevel.cds_delta).
+    Scoring is 2N forward passes of the main model: timed and reported (cds_score_s)."""
+    t0 = time.perf_counter()
+    tuned = cds_finetuned_copy(ctx, step)
+    t1 = time.perf_counter()
+    with ctx.autocast():
+        delta = bilevel.cds_delta(ctx.model, tuned, ctx.generic.train.x, ctx.cfg["eval_batch_size"], ctx.device)
+    t2 = time.perf_counter()
+    out = {"delta": delta, "finetune_s": t1 - t0, "score_s": t2 - t1, "examples_per_s": 2 * len(delta) / (t2 - t1)}
+    tqdm.write(f"CDS at step {step}: fine-tuned a copy for {ctx.cfg['cds_finetune_steps']} steps in "
+               f"{out['finetune_s']:.1f} s; scored {len(delta)} generic examples twice in {out['score_s']:.1f} s "
+               f"({out['examples_per_s']:.0f} examples/s)")
+    return out
+
+
+def cds_stats(cds):
+    return {"cds_score_s": cds["score_s"], "cds_examples_per_s": cds["examples_per_s"],
+            "cds_finetune_s": cds["finetune_s"]}
+
+
+# --- the domain classifier (section 5.1) ---
+
+def step_classifier(ctx, step):
+    """One Adam step of the classifier on a balanced batch (bilevel.classifier_step: specific = 1,
+    generic = 0, specific_batch_size of each), then the deterministic top-b of B by logit,
+    trained on uniformly. The paper pretrains the classifier and then restricts the generic set;
+    we train it online, one step per training step, as the reference code does."""
+    cfg = ctx.cfg
+    if step % cfg["outer_every"] == 0:
+        x_g = ctx.generic.train.x[ctx.generic_sampler.sample(cfg["specific_batch_size"])].to(ctx.device)
+        ctx.meta_opt.zero_grad(set_to_none=True)
+        ctx.stats["classifier_bce"] = bilevel.classifier_step(ctx.weighter, x_g, specific_batch(ctx)).item()
+        ctx.meta_opt.step()
+    idx_B, x_B = big_batch(ctx)                                                # (|B|,), (|B|, T)
+    s_B = score(ctx.weighter, x_B)                                             # (|B|,) logits
+    S = filter_batch(s_B, cfg["batch_size"], "top")                            # (b,) top-b logits
+    ctx.last_loss = main_update(ctx, x_B[S])
+    return idx_B[S.cpu()]
+
+
+# --- LTR: learning to reweight (Ren et al. 2018) ---
+
+def step_ltr(ctx, step):
+    """Weights for a uniform batch of b from one look-ahead derivative (bilevel.ltr_weights), then
+    one AdamW step of θ on Σ_i w_i ℓ(x_i; θ) (weighted, not filtered).
+
+    Why LTR costs more than the sparse methods (section 5.1: "a generic example x cannot be
+    discarded without evaluating the main model and its gradient at x"): with no weighting
+    network, an example's weight needs the main model's forward AND a JVP at that example. So LTR
+    weighs only the b examples it trains on (per step: forward+backward on B_specific, a JVP on b,
+    the weighted forward+backward on b); selecting from a big batch B as Algorithm 1 does would
+    cost |B| main-model JVPs per step where the sparse methods pay |B| forwards of the small CNN.
+
+    Returns None: every example of the batch is trained on, with weight w_i; the source share
+    logged for LTR is the weighted one (Σ_i b·w_i per source), counted here."""
+    cfg = ctx.cfg
+    idx = ctx.generic_sampler.sample(cfg["batch_size"])                        # (b,) uniform draws
+    x = ctx.generic.train.x[idx].to(ctx.device)                                # (b, T)
+    w, _ = bilevel.ltr_weights(ctx.model, x, specific_batch(ctx), lr_at(step, cfg))   # (b,) Σ w = 1
+    ctx.last_loss = main_update(ctx, x, weights=w)
+    for s, wi in zip(ctx.generic.train.source_id[idx].tolist(), (len(w) * w).tolist()):
+        ctx.counts[s] += wi
+    ctx.stats["ess"] = effective_sample_size(w)
+    ctx.stats["max_weight"] = w.max().item()
+    return None
+
+
+# --- Meta-Weight-Net (Shu et al. 2019) ---
+
+def step_mwn(ctx, step):
+    """Algorithm 1 with Meta-Weight-Net's weighting network w(x; α) = softmax(mlp(ℓ(x; θ); α)):
+    1. ℓ(x; θ) for all of B: the main model's forward on |B| examples (no grad). This is MWN's
+       expensive part: its only feature is the main model's loss, where the byte CNN of the other
+       sparse methods scores B for a fraction of that cost;
+    2. the DDS outer step (bilevel.mwn_step) on R = the first b rows of B (a uniform b-subset);
+    3. filter B by the MLP's scores (--filter) and train θ on the b kept examples uniformly."""
+    cfg, b = ctx.cfg, ctx.cfg["batch_size"]
+    idx_B, x_B = big_batch(ctx)                                                # (|B|,), (|B|, T)
+    with ctx.autocast():
+        losses_B = bilevel.losses_of(ctx.model, x_B, cfg["eval_batch_size"], ctx.device).to(ctx.device)  # (|B|,)
+    if step % cfg["outer_every"] == 0:
+        ctx.meta_opt.zero_grad(set_to_none=True)
+        L = bilevel.mwn_step(ctx.model, ctx.weighter, x_B[:b], losses_B[:b], specific_batch(ctx), cfg["rho"])
+        ctx.meta_opt.step()
+        ctx.stats["outer_loss"] = L.item()
+    with torch.no_grad():
+        s_B = ctx.weighter(losses_B).float()                                   # (|B|,) scores
+    S = filter_batch(s_B, b, cfg["filter"], ctx.gen)                           # (b,)
+    ctx.last_loss = main_update(ctx, x_B[S])
+    w_B = torch.softmax(s_B, 0)
+    ctx.stats["ess"] = effective_sample_size(w_B)
+    ctx.stats["max_weight"] = w_B.max().item()
+    return idx_B[S.cpu()]
+
+
+def baselines_state(ctx):
+    return {} if ctx.cds is None else {"cds": ctx.cds}     # Δ (N,) tensor and timings (floats)
+
+
+def load_baselines(ctx, st):
+    ctx.cds = st.get("cds")
+    if ctx.cds is not None:
+        ctx.stats.update(cds_stats(ctx.cds))
+
+
+STEPS.update(cds=step_cds, classifier=step_classifier, ltr=step_ltr, mwn=step_mwn)
+
+
+# -----------------------------------------------------------------------------------------------
+# fixed weighting networks: the section-6 experiments
+#
+# `frozen` (6.1 "final weighting", 6.4 "weights from small"): Algorithm 1 with α fixed to a weighting
+# network trained by another run, possibly with a different main model (only α's own size must
+# match, and it is read from that run's config). No outer update: every step draws B_generic^big,
+# keeps filter(B, α, b) and takes one step on the uniform mean loss of those b examples, i.e. ERM on
+#     min_θ Σ_{x∈D_generic} w(x; α) ℓ(x; θ)        with α fixed.
+# `shuffled` (6.1): the α_t a run saved during training (out_dir/weighters/, see save_weighter_every)
+# replayed in a random order σ: the max_steps steps are cut into K equal segments, one per saved
+# α_{t_1}, ..., α_{t_K}, and segment j uses α_{t_σ(j)}. σ comes from --seed, so a resumed run replays
+# the same order.
+
+def load_weighter(path, flag="--weighter_ckpt"):
+    """The text-scoring weighting network α saved by a run → (Weighter in eval mode, checkpoint dict).
+    path: a run directory, its ckpt.pt, or a weighters/step_N.pt snapshot."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{flag}: no checkpoint at {path}")
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"{flag}: {path} is not a readable checkpoint ({type(e).__name__})") from None
+    sd, c = st.get("weighter"), st.get("config", {})
+    if sd is None:
+        raise ConfigError(f"{flag}: {path} has no weighting network (method {c.get('method')!r})")
+    if "embed.weight" not in sd:
+        raise ConfigError(f"{flag}: {path}: its weighting network scores losses, not text (method {c.get('method')!r})")
+    n_conv = sum(1 for k in sd if k.startswith("convs.") and k.endswith(".weight"))
+    w = Weighter(c.get("weighter_dim", weighter_dim), c.get("weighter_kernel", weighter_kernel), n_conv)
+    try:
+        w.load_state_dict(sd)
+    except RuntimeError:
+        raise ConfigError(f"{flag}: {path}: its weighting network does not match its config's weighter_dim/kernel") from None
+    return w.requires_grad_(False).eval(), st
+
+
+def check_fixed(cfg):
+    if cfg["method"] == "frozen" and not cfg["weighter_ckpt"]:
+        raise ConfigError("--method=frozen: give --weighter_ckpt=RUN_DIR (a run with a weighting network)")
+    if cfg["method"] == "shuffled" and not cfg["weighter_trajectory"]:
+        raise ConfigError("--method=shuffled: give --weighter_trajectory=RUN_DIR (a run that saved weighters/)")
+
+
+def trajectory(path):
+    """The α_t snapshots a run saved, sorted by step t: [path of weighters/step_t.pt, ...]."""
+    d = os.path.join(path, "weighters") if os.path.isdir(os.path.join(path, "weighters")) else path
+    files = [f for f in os.listdir(d) if f.startswith("step_") and f.endswith(".pt")] if os.path.isdir(d) else []
+    if not files:
+        raise ConfigError(f"--weighter_trajectory: no weighters/step_N.pt snapshots in {path}")
+    return [os.path.join(d, f) for f in sorted(files, key=lambda f: int(f[5:-3]))]
+
+
+def setup_fixed(ctx):
+    cfg = ctx.cfg
+    if cfg["method"] not in FIXED:
+        return
+    if cfg["method"] == "frozen":
+        ctx.weighter, _ = load_weighter(cfg["weighter_ckpt"])
+    else:
+        ctx.trajectory = trajectory(cfg["weighter_trajectory"])
+        ctx.sigma = torch.randperm(len(ctx.trajectory), generator=torch.Generator().manual_seed(cfg["seed"] + 200))
+        ctx.weighter, _ = load_weighter(ctx.trajectory[0], "--weighter_trajectory")
+        ctx.segment = None      # the segment whose α is loaded: none yet (also after a resume)
+    ctx.weighter.to(ctx.device)
+    # never stepped: kept so that the checkpoint code saves and restores α like any run's
+    ctx.meta_opt = torch.optim.Adam(ctx.weighter.parameters(), lr=0.0)
+
+
+def replay_alpha(ctx, step):
+    """shuffled: load α_{t_σ(j)} when step enters segment j of K equal segments of max_steps."""
+    K = len(ctx.trajectory)
+    j = min(K - 1, step * K // ctx.cfg["max_steps"])
+    if j != ctx.segment:
+        st = torch.load(ctx.trajectory[int(ctx.sigma[j])], map_location="cpu", weights_only=True)
+        ctx.weighter.load_state_dict(st["weighter"])
+        ctx.segment = j
+
+
+def step_fixed(ctx, step):
+    """Algorithm 1 without its outer step: B_generic^big, filter(B, α, b), one step on the b examples."""
+    cfg = ctx.cfg
+    if cfg["method"] == "shuffled":
+        replay_alpha(ctx, step)
+    idx_B, x_B = big_batch(ctx)                                            # (|B|,), (|B|, T)
+    s_B = score(ctx.weighter, x_B)                                         # (|B|,) s(x; α)
+    S = filter_batch(s_B, cfg["batch_size"], cfg["filter"], ctx.gen)       # (b,) filter(B, α, b)
+    ctx.last_loss = main_update(ctx, x_B[S])                               # uniform mean loss on S
+    w_B = torch.softmax(s_B, 0)                                            # (|B|,) w(x; α)
+    ctx.stats["ess"] = effective_sample_size(w_B)
+    ctx.stats["max_weight"] = w_B.max().item()
+    return idx_B[S.cpu()]
+
+
+def save_weighter_snapshot(ctx, done):
+    """Runs that learn a weighting network save α_t (a few 100 kB) to out_dir/weighters/step_t.pt
+    every save_weighter_every steps (0: at every pretraining evaluation), for `shuffled`."""
+    cfg, k = ctx.cfg, ctx.cfg["save_weighter_every"]
+    if ctx.weighter is None or cfg["method"] in FIXED or k < 0 or done > cfg["max_steps"]:
+        return
+    if not (done % k == 0 if k > 0 else (done % cfg["eval_interval"] == 0 or done == cfg["max_steps"])):
+        return
+    d = os.path.join(cfg["out_dir"], "weighters")
+    os.makedirs(d, exist_ok=True)
+    snap = {"step": done, "weighter": ctx.weighter.state_dict(), "config": {
+        "method": cfg["method"], "weighter_dim": cfg["weighter_dim"], "weighter_kernel": cfg["weighter_kernel"]}}
+    atomic_write(os.path.join(d, f"step_{done}.pt"), lambda p: torch.save(snap, p))
+
+
+STEPS.update(frozen=step_fixed, shuffled=step_fixed)
+
+
+# -----------------------------------------------------------------------------------------------
 # checkpoints: the complete state, written atomically
 
 def atomic_write(path, write):
@@ -342,6 +814,8 @@ def state_dict(ctx, step):
     if ctx.v is not None:
         st["v"] = ctx.v
         st["v_opt"] = ctx.v_opt.state_dict()
+    st.update(scalebio_state(ctx))
+    st.update(baselines_state(ctx))
     return st
 
 
@@ -378,6 +852,8 @@ def load_checkpoint(ctx):
         for k in ctx.v:
             ctx.v[k].data.copy_(st["v"][k])
         ctx.v_opt.load_state_dict(st["v_opt"])
+    load_scalebio(ctx, st)
+    load_baselines(ctx, st)
     ctx.counts, ctx.seen, ctx.train_time, ctx.best, ctx.last_eval = (
         st["counts"], st["seen"], st["train_time"], st["best"], st["last_eval"])
     return st["step"]
@@ -416,6 +892,9 @@ def setup(cfg):
         ctx.eval_sets[f"{name}_test"] = eval_subset(s.test, n, 2)
     ctx.counts = [0] * len(generic_c.sources)      # per source, trained-on examples this interval
     ctx.seen, ctx.train_time, ctx.best, ctx.last_eval, ctx.stats, ctx.last_loss = 0, 0.0, None, {}, {}, float("nan")
+    setup_scalebio(ctx)
+    setup_baselines(ctx)
+    setup_fixed(ctx)
     return ctx
 
 
@@ -436,6 +915,7 @@ def log_eval(ctx, step, phase):
     rec = {"step": step, "phase": phase, "elapsed_s": round(ctx.train_time, 2), "examples_seen": ctx.seen,
            **eval_all(ctx), "lr": lr_at(step, ctx.cfg), "train_loss": ctx.last_loss}
     rec.update({k: v for k, v in ctx.stats.items()})
+    rec.update(scalebio_log(ctx, phase))     # ScaleBiO: λ per source, as "lambda" and "source_share"
     share = source_share(ctx)
     if share is not None and phase == "pretrain":
         rec["source_share"] = share
@@ -505,6 +985,7 @@ def run(cfg):
             raise TrainingError(f"step {step}: training loss is {ctx.last_loss} (the last good checkpoint is kept)")
         bar.set_postfix(loss=f"{ctx.last_loss:.3f}")
         done = step + 1
+        save_weighter_snapshot(ctx, done)     # α_t for `shuffled` replays (section 6.1)
         if done % cfg["eval_interval"] == 0 or done == cfg["max_steps"] or done == total:
             finish_eval(ctx, done, "pretrain" if done <= cfg["max_steps"] else "finetune", ms_hist)
         if stop["sig"] is not None:
@@ -553,11 +1034,14 @@ def write_summary(ctx, total, ms_hist):
     summary["ms_per_step"] = sum(ms_hist) / len(ms_hist) if ms_hist else None
     summary["peak_mem_mb"] = peak_mem_mb(ctx)
     summary["train_time_s"] = ctx.train_time
-    for k in ("ess", "max_weight"):
+    for k in ("ess", "max_weight", "cds_score_s", "cds_examples_per_s", "cds_finetune_s"):
         if k in pre:
             summary[k] = pre[k]
     if "source_share" in pre:
         summary["source_share"] = pre["source_share"]
+    if "lambda" in pre:
+        summary["lambda"] = pre["lambda"]
+    summary.update(noise_halves(summary, ctx))
     if ctx.info.get("target_source"):
         summary["target_source"] = ctx.info["target_source"]
     summary["config"] = cfg
@@ -574,9 +1058,13 @@ def result_words(summary, ctx):
         sh = summary["source_share"][target]
         ratio = sh["share"] / sh["base"]
         verdict = "up-weighted" if ratio > 1.5 else "NOT up-weighted"
-        msg += (f". The target domain {target!r} was {verdict}: {100 * sh['share']:.0f}% of the examples the model "
-                f"trained on over the last {ctx.cfg['eval_interval']} steps vs {100 * sh['base']:.0f}% of the generic "
-                f"pool ({ratio:.1f}x)")
+        what = (f"of ScaleBiO's source weights λ (uniform: {100 / len(summary['lambda']):.0f}%)" if "lambda" in summary
+                else f"of the examples the model trained on over the last {ctx.cfg['eval_interval']} steps")
+        msg += (f". The target domain {target!r} was {verdict}: {100 * sh['share']:.0f}% {what} vs "
+                f"{100 * sh['base']:.0f}% of the generic pool ({ratio:.1f}x)")
+    if "share_clean_half" in summary:     # the denoising setting (--noise_sources)
+        msg += (f". Denoising: {100 * summary['share_clean_half']:.0f}% of the {'weight λ' if 'lambda' in summary else 'trained-on examples'} "
+                f"on the clean half of the sources, {100 * summary['share_corrupted_half']:.0f}% on the pure-noise half")
     return msg + f". Results in {ctx.cfg['out_dir']}/summary.json"
 
 

@@ -1,0 +1,51 @@
+"""Shared test setup: import path, tiny models, and hygiene for in-process `train.main` runs."""
+
+import os
+import signal
+import sys
+
+import pytest
+import torch
+
+# the machine's few cores are shared: one intra-op thread avoids OpenMP spinning under contention
+torch.set_num_threads(1)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from model import build_model  # noqa: E402
+from weighter import Weighter  # noqa: E402
+
+# the tiny transformer every unit test uses: a few thousand parameters, milliseconds per step
+TINY = dict(n_layer=1, n_head=2, n_embd=16, n_hidden=32, seq_len=12, dropout=0.0)
+
+
+def tiny_model(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return build_model(**TINY).to(dtype)
+
+
+def tiny_weighter(seed=1, dtype=torch.float64):
+    torch.manual_seed(seed)
+    w = Weighter(dim=8, kernel=3).to(dtype)
+    with torch.no_grad():   # larger scores than the default init, so that w(x; α) is far from uniform
+        w.head.weight.mul_(20.0)
+    return w
+
+
+def random_bytes(b, T=12, seed=0, pad_from=None):
+    """(b, T) uint8 non-zero bytes; rows listed in pad_from {row: t} are zero-padded from t on."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(1, 256, (b, T), generator=g, dtype=torch.uint8)
+    for row, t in (pad_from or {}).items():
+        x[row, t:] = 0
+    return x
+
+
+@pytest.fixture(autouse=True)
+def _restore_signal_handlers():
+    """train.run installs SIGINT/SIGTERM handlers; put pytest's back after each in-process run."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)

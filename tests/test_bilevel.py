@@ -1,0 +1,439 @@
+"""Tests for bilevel.py: every outer update against an independent computation.
+
+DDS     reverse-over-reverse autograd through the look-ahead, finite differences, and its ρ → 0 limit
+SOBA    finite-difference Hessian-vector products, brute-force per-example gradients, and a weighted
+        ridge regression / weighted mean problem whose hypergradient has a closed form
+Anograd finite differences of the cosine, and the scale invariance of a
+filter   frequencies of the three filters over many draws
+Brute force = a loop of autograd.grad, one per example; everything in float64.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+import bilevel
+from conftest import random_bytes, tiny_model, tiny_weighter
+from model import second_order
+from weighter import filter_batch
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+def flat(ts):
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def params_of(module):
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def per_example_grads(model, x):
+    """(b, P): row i = ∇_θ ℓ(x_i; θ), one autograd.grad call per example."""
+    params = params_of(model)
+    losses = model(x)
+    return torch.stack([flat(torch.autograd.grad(losses[i], params, retain_graph=True))
+                        for i in range(len(x))])
+
+
+def mean_grad(model, x):
+    """(P,) ∇_θ of the uniform mean loss on x."""
+    return flat(torch.autograd.grad(model(x).mean(), params_of(model)))
+
+
+def alpha_grad(weighter):
+    """(A,) the weighter's .grad as set by an outer update, zeros where there is none."""
+    return flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in weighter.parameters()])
+
+
+def grad_of_weighted(weighter, x, c, weights="weights"):
+    """(A,) ∇_α Σ_x c(x) w(x; α) for constants c: (b,)."""
+    w = getattr(weighter, weights)(x)
+    gs = torch.autograd.grad((c.detach() * w).sum(), list(weighter.parameters()), allow_unused=True)
+    return flat([g if g is not None else torch.zeros_like(p) for g, p in zip(gs, weighter.parameters())])
+
+
+def shifted(module, direction, eps):
+    """Context-free in-place shift of a module's parameters by eps·direction (direction: (A,))."""
+    with torch.no_grad():
+        i = 0
+        for p in module.parameters():
+            n = p.numel()
+            p.add_(eps * direction[i:i + n].view_as(p))
+            i += n
+
+
+def directional_fd(f, module, direction, eps=1e-5):
+    """(f(α + εd) − f(α − εd)) / 2ε, restoring α. Keep ‖εd‖ small: the networks have ReLU kinks."""
+    shifted(module, direction, eps)
+    fp = f()
+    shifted(module, direction, -2 * eps)
+    fm = f()
+    shifted(module, direction, eps)
+    return (fp - fm) / (2 * eps)
+
+
+def unflatten_like(vec, model):
+    out, i = {}, 0
+    for k, p in model.named_parameters():
+        out[k] = vec[i:i + p.numel()].view_as(p).clone()
+        i += p.numel()
+    return out
+
+
+@pytest.fixture
+def setup():
+    model, weighter = tiny_model(), tiny_weighter()
+    x_generic = random_bytes(6, seed=10, pad_from={2: 8})
+    x_specific = random_bytes(4, seed=11, pad_from={0: 5})
+    w = weighter.weights(x_generic)
+    assert w.max() / w.min() > 3          # really non-uniform weights
+    return model, weighter, x_generic, x_specific
+
+
+# ----------------------------------------------------------------------------------------------
+# DDS (section 4.3.1, Eq. 3)
+
+def dds_objective(model, weighter, x_generic, x_specific, rho):
+    """L(α) = mean ℓ(x_spec; θ − ρ Σ_x w(x; α) ∇ℓ(x; θ)), straight from the definition."""
+    params = dict(model.named_parameters())
+    w = weighter.weights(x_generic)
+    g = torch.autograd.grad((w * model(x_generic)).sum(), list(params.values()))
+    theta_prime = {k: p - rho * gi for (k, p), gi in zip(params.items(), g)}
+    return functional_call(model, theta_prime, (x_specific,)).mean()
+
+
+def test_dds_matches_reverse_over_reverse(setup):
+    model, weighter, xg, xs = setup
+    rho = 0.5
+    L = bilevel.dds_step(model, weighter, xg, xs, rho)
+    got = alpha_grad(weighter)
+    # the look-ahead built as a graph and differentiated twice
+    params = dict(model.named_parameters())
+    with second_order():
+        w = weighter.weights(xg)
+        g = torch.autograd.grad((w * model(xg)).sum(), list(params.values()), create_graph=True)
+        theta_prime = {k: p - rho * gi for (k, p), gi in zip(params.items(), g)}
+        L_ref = functional_call(model, theta_prime, (xs,)).mean()
+        ref = torch.autograd.grad(L_ref, list(weighter.parameters()), allow_unused=True)
+    ref = flat([r if r is not None else torch.zeros_like(p) for r, p in zip(ref, weighter.parameters())])
+    assert ref.norm() > 1e-6
+    torch.testing.assert_close(L, L_ref.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, ref, rtol=1e-8, atol=1e-10 * ref.abs().max().item())
+
+
+def test_dds_matches_finite_differences(setup):
+    model, weighter, xg, xs = setup
+    rho = 0.5
+    bilevel.dds_step(model, weighter, xg, xs, rho)
+    got = alpha_grad(weighter)
+    d = torch.randn(got.shape, generator=torch.Generator().manual_seed(0), dtype=got.dtype)
+    d /= d.norm()
+    fd = directional_fd(lambda: dds_objective(model, weighter, xg, xs, rho).item(), weighter, d)
+    assert abs(fd) > 1e-6
+    assert got @ d == pytest.approx(fd, rel=1e-6)
+
+
+def test_dds_small_rho_limit_is_minus_rho_gradient_alignment(setup):
+    """ρ → 0: ∇_α L ≈ −ρ Σ_x ⟨∇L_specific(θ), ∇ℓ(x; θ)⟩ ∇_α w(x; α)."""
+    model, weighter, xg, xs = setup
+    rho = 1e-6
+    bilevel.dds_step(model, weighter, xg, xs, rho)
+    got = alpha_grad(weighter)
+    c = -rho * per_example_grads(model, xg) @ mean_grad(model, xs)          # (b,)
+    ref = grad_of_weighted(weighter, xg, c)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+# ----------------------------------------------------------------------------------------------
+# per_example_dot: c(x) = ⟨∇ℓ(x; θ), u⟩ by one JVP
+
+def test_per_example_dot_matches_brute_force(setup):
+    model, _, xg, _ = setup
+    u_flat = torch.randn(sum(p.numel() for p in model.parameters()),
+                         generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    losses, c = bilevel.per_example_dot(model, bilevel.theta_of(model), xg, unflatten_like(u_flat, model))
+    torch.testing.assert_close(losses, model(xg).detach(), rtol=1e-12, atol=1e-12)
+    ref = per_example_grads(model, xg) @ u_flat
+    torch.testing.assert_close(c, ref, rtol=1e-9, atol=1e-10 * ref.abs().max().item())
+
+
+# ----------------------------------------------------------------------------------------------
+# SOBA (section 4.3.2)
+
+def random_v(model, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(p.shape, generator=g, dtype=p.dtype) for k, p in model.named_parameters()}
+
+
+def test_soba_hessian_vector_product_matches_finite_differences(setup):
+    """d_v − ∇L_specific(θ) = (1/b) Σ_x ∇²ℓ(x; θ) v: the Hessian of the UNIFORM mean generic loss."""
+    model, weighter, xg, xs = setup
+    v = random_v(model)
+    d_v, _, _ = bilevel.soba_step(model, weighter, xg, xs, v)
+    hv = flat(d_v.values()) - mean_grad(model, xs)
+    v_flat = flat(v.values())
+    params = params_of(model)
+
+    def grad_at(eps):
+        shifted(model, v_flat, eps)
+        out = mean_grad(model, xg)
+        shifted(model, v_flat, -eps)
+        return out
+
+    # a small step (‖εv‖ = 1e-6) so that no ReLU changes side between the two evaluations
+    eps = 1e-6 / v_flat.norm().item()
+    fd = (grad_at(eps) - grad_at(-eps)) / (2 * eps)
+    assert fd.norm() > 1e-3 and len(params) > 0
+    torch.testing.assert_close(hv, fd, rtol=1e-6, atol=1e-7 * fd.abs().max().item())
+
+
+def test_soba_alpha_direction_and_gradient_match_brute_force(setup):
+    """d_α = Σ_x ⟨∇ℓ(x; θ), v⟩ ∇_α w(x; α); g = the plain uniform mean gradient; losses = ℓ(x; θ)."""
+    model, weighter, xg, xs = setup
+    v = random_v(model)
+    _, g, losses = bilevel.soba_step(model, weighter, xg, xs, v)
+    got = alpha_grad(weighter)
+    c = per_example_grads(model, xg) @ flat(v.values())                      # (b,) ⟨∇ℓ(x), v⟩
+    ref = grad_of_weighted(weighter, xg, c)
+    assert ref.norm() > 1e-6
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-10 * ref.abs().max().item())
+    torch.testing.assert_close(flat(g.values()), mean_grad(model, xg), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(losses, model(xg).detach(), rtol=1e-12, atol=1e-12)
+
+
+# A bilevel problem with a closed form. Rows of a "batch" are [features (d), target y, ridge λ_row,
+# index i]; the model's per-example loss is ℓ_i(θ) = (x_iᵀθ − y_i)² + λ_row ‖θ‖² (λ_row = λ for the
+# training points, 0 for the validation points), and the "weighter" has one free logit per
+# training point, w(x_i; α) = softmax over the batch of α_i.
+
+class Ridge(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.theta = nn.Parameter(torch.zeros(d, dtype=torch.float64))
+
+    def forward(self, batch):
+        d = self.theta.shape[0]
+        X, y, lam = batch[:, :d], batch[:, d], batch[:, d + 1]
+        return (X @ self.theta - y) ** 2 + lam * (self.theta ** 2).sum()      # (b,) per-example
+
+
+class MeanEstimation(nn.Module):
+    """ℓ_i(θ) = ½‖θ − c_i‖²: every example has the Hessian I."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.theta = nn.Parameter(torch.zeros(d, dtype=torch.float64))
+
+    def forward(self, batch):
+        d = self.theta.shape[0]
+        return 0.5 * ((self.theta - batch[:, :d]) ** 2).sum(1)               # (b,)
+
+
+class FreeLogits(nn.Module):
+    def __init__(self, n, alpha=None):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(n, dtype=torch.float64) if alpha is None else alpha.clone())
+
+    def weights(self, batch):
+        return torch.softmax(self.alpha[batch[:, -1].long()], 0)            # (b,)
+
+
+def ridge_problem(n=8, d=3, n_val=5, lam=0.1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = X @ torch.randn(d, generator=g, dtype=torch.float64) + 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
+    Xv = torch.randn(n_val, d, generator=g, dtype=torch.float64)
+    yv = Xv @ torch.randn(d, generator=g, dtype=torch.float64)
+    train = torch.cat([X, y[:, None], torch.full((n, 1), lam, dtype=torch.float64),
+                       torch.arange(n, dtype=torch.float64)[:, None]], 1)
+    val = torch.cat([Xv, yv[:, None], torch.zeros(n_val, 2, dtype=torch.float64)], 1)
+    return X, y, Xv, yv, lam, train, val
+
+
+def ridge_closed_form(alpha, X, y, Xv, yv, lam):
+    """θ*(α) = argmin Σ_i w_i ℓ_i, v* = −H⁻¹∇L_val(θ*), h(α) = L_val(θ*(α)) and ∇h(α), by linear algebra."""
+    alpha = alpha.detach().clone().requires_grad_()
+    w = torch.softmax(alpha, 0)
+    d = X.shape[1]
+    H = 2 * (X.T * w) @ X + 2 * lam * w.sum() * torch.eye(d, dtype=X.dtype)   # ∇²_θθ Σ w_i ℓ_i
+    theta = torch.linalg.solve(H, 2 * (X.T * w) @ y)                         # ∇_θ Σ w_i ℓ_i = 0
+    h = ((Xv @ theta - yv) ** 2).mean()
+    (grad_h,) = torch.autograd.grad(h, alpha)
+    theta = theta.detach()
+    grad_val = 2 * Xv.T @ (Xv @ theta - yv) / len(yv)
+    v = -torch.linalg.solve(H.detach(), grad_val)
+    return theta, v, h.item(), grad_h
+
+
+def test_soba_converges_to_implicit_function_hypergradient_on_ridge():
+    """Full batch, uniform weights (α = 0): SOBA's uniform-mean Hessian IS the Hessian of the
+    weighted inner problem. Iterating θ ← θ − ρ g, v ← v − η d_v at fixed α, the iterates reach
+    θ*(α) and v* = −H⁻¹∇L_val(θ*), and d_α reaches the implicit-function-theorem ∇h(α)."""
+    X, y, Xv, yv, lam, train, val = ridge_problem()
+    model, weighter = Ridge(X.shape[1]), FreeLogits(len(X))
+    theta_star, v_star, _, grad_h = ridge_closed_form(weighter.alpha, X, y, Xv, yv, lam)
+    assert grad_h.norm() > 1e-2
+    v = {"theta": torch.zeros_like(model.theta)}
+    rho = eta = 0.1
+    for _ in range(400):
+        weighter.zero_grad()
+        d_v, g, _ = bilevel.soba_step(model, weighter, train, val, v)
+        with torch.no_grad():
+            model.theta -= rho * g["theta"]
+            v["theta"] -= eta * d_v["theta"]
+    torch.testing.assert_close(model.theta.detach(), theta_star, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(v["theta"], v_star, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(weighter.alpha.grad, grad_h, rtol=1e-7, atol=1e-9)
+
+
+def test_soba_outer_loop_reaches_the_optimum_on_weighted_mean():
+    """ℓ_i = ½‖θ − c_i‖² (Hessian I for every example, so the uniform-mean Hessian of soba_step is
+    exact for any weights), outer L_val = ½‖θ − t‖² with t inside the convex hull of the c_i:
+    θ*(α) = Σ w_i c_i and min_α h(α) = 0. (1) At a fixed NON-uniform α, with the weighted inner
+    step θ ← θ − ρ Σ w_i ∇ℓ_i (the weights enter through the θ update, as the filter does in
+    Algorithm 1), d_α reaches the closed-form ∇h(α). (2) The full SOBA loop (α ← α − γ d_α too)
+    drives h(α) to ~0."""
+    n, d = 6, 2
+    gen = torch.Generator().manual_seed(0)
+    C = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    pi = torch.softmax(torch.randn(n, generator=gen, dtype=torch.float64), 0)
+    t = pi @ C                                                              # inside the hull
+    train = torch.cat([C, torch.arange(n, dtype=torch.float64)[:, None]], 1)
+    val = torch.cat([t[None], torch.zeros(1, 1, dtype=torch.float64)], 1)
+
+    def h_and_grad(alpha):
+        alpha = alpha.detach().clone().requires_grad_()
+        h = 0.5 * ((torch.softmax(alpha, 0) @ C - t) ** 2).sum()
+        return h.item(), torch.autograd.grad(h, alpha)[0]
+
+    def run(weighter, steps, gamma):
+        model = MeanEstimation(d)
+        v = {"theta": torch.zeros(d, dtype=torch.float64)}
+        rho = eta = 0.5
+        for _ in range(steps):
+            weighter.zero_grad()
+            d_v, _, _ = bilevel.soba_step(model, weighter, train, val, v)
+            with torch.no_grad():
+                w = weighter.weights(train)
+                model.theta -= rho * (w[:, None] * (model.theta - C)).sum(0)   # Σ w_i ∇ℓ_i
+                v["theta"] -= eta * d_v["theta"]
+                weighter.alpha -= gamma * weighter.alpha.grad
+        return model
+
+    # (1) fixed non-uniform α
+    alpha0 = torch.randn(n, generator=gen, dtype=torch.float64)
+    weighter = FreeLogits(n, alpha0)
+    model = run(weighter, 80, gamma=0.0)
+    _, grad_h = h_and_grad(alpha0)
+    torch.testing.assert_close(model.theta.detach(), torch.softmax(alpha0, 0) @ C, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(weighter.alpha.grad, grad_h, rtol=1e-7, atol=1e-9)
+    # (2) the whole loop
+    weighter = FreeLogits(n)
+    h_start, _ = h_and_grad(weighter.alpha)
+    run(weighter, 200, gamma=1.0)
+    h_end, _ = h_and_grad(weighter.alpha)
+    assert h_end < 1e-3 * h_start, (h_start, h_end)
+
+
+# ----------------------------------------------------------------------------------------------
+# Anograd (section 4.3.3)
+
+def anograd_objective(model, weighter, x_generic, x_specific):
+    """−cos(Σ_x w(x; α) ∇ℓ(x; θ), ∇L_specific(θ)) with w = softplus(a)·softmax(s)."""
+    params = params_of(model)
+    w = weighter.anograd_weights(x_generic)
+    g = flat(torch.autograd.grad((w * model(x_generic)).sum(), params))
+    s = mean_grad(model, x_specific)
+    return -(g @ s / (g.norm() * s.norm())).item()
+
+
+def test_anograd_matches_finite_differences_and_ignores_scale(setup):
+    model, weighter, xg, xs = setup
+    L = bilevel.anograd_step(model, weighter, xg, xs)
+    assert L.item() == pytest.approx(anograd_objective(model, weighter, xg, xs), rel=1e-6)
+    got = alpha_grad(weighter)
+    for seed in range(2):
+        d = torch.randn(got.shape, generator=torch.Generator().manual_seed(seed), dtype=got.dtype)
+        d /= d.norm()
+        fd = directional_fd(lambda: anograd_objective(model, weighter, xg, xs), weighter, d)
+        assert abs(fd) > 1e-6
+        assert got @ d == pytest.approx(fd, rel=1e-5)
+    # the cosine is scale-invariant: the scalar a of softplus(a)·softmax(s) gets no gradient
+    assert weighter.a.grad is not None
+    assert abs(weighter.a.grad.item()) < 1e-8 * got.abs().max().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# the filter of Algorithm 1
+
+N_DRAWS = 20_000        # importance: one call of N_DRAWS i.i.d. draws; the others: N_DRAWS // 2 calls
+S = torch.tensor([0.5, -1.0, 1.2, 0.0, -0.3, 0.8], dtype=torch.float64)     # |B| = 6 scores
+W = torch.softmax(S, 0)
+
+
+def chi_square(counts, p):
+    expected = p * counts.sum()
+    return (((counts - expected) ** 2) / expected).sum().item()
+
+
+# χ² with 5 degrees of freedom: P(χ² > 25) ≈ 1.4e-4
+CHI2_LIMIT = 25.0
+
+
+def test_importance_filter_frequencies_follow_w_with_repeats():
+    gen = torch.Generator().manual_seed(0)
+    idx = filter_batch(S, N_DRAWS, "importance", gen)                     # N_DRAWS i.i.d. draws
+    counts = torch.bincount(idx, minlength=len(S)).double()
+    assert chi_square(counts, W) < CHI2_LIMIT
+    # with replacement: a batch of b = |B| draws repeats an example (almost surely over 20 batches)
+    assert any(len(set(filter_batch(S, len(S), "importance", gen).tolist())) < len(S) for _ in range(20))
+
+
+def test_without_replacement_filter_one_draw_follows_w_and_draws_are_distinct():
+    gen = torch.Generator().manual_seed(1)
+    counts = torch.zeros(len(S), dtype=torch.float64)
+    for _ in range(N_DRAWS // 2):
+        counts[filter_batch(S, 1, "without_replacement", gen)] += 1
+    assert chi_square(counts, W) < CHI2_LIMIT
+    for _ in range(50):
+        idx = filter_batch(S, 4, "without_replacement", gen).tolist()
+        assert len(idx) == 4 and len(set(idx)) == 4
+
+
+def test_without_replacement_filter_two_draws_inclusion_probabilities():
+    """Sequential sampling without replacement ∝ w: P(i ∈ S) = w_i + Σ_{j≠i} w_j w_i / (1 − w_j)."""
+    gen = torch.Generator().manual_seed(2)
+    n_draws = N_DRAWS // 2
+    counts = torch.zeros(len(S), dtype=torch.float64)
+    for _ in range(n_draws):
+        counts[filter_batch(S, 2, "without_replacement", gen)] += 1
+    p_in = torch.stack([W[i] + sum(W[j] * W[i] / (1 - W[j]) for j in range(len(S)) if j != i)
+                        for i in range(len(S))])
+    # each count is Binomial(n_draws, p_in): a 4.5-sigma band
+    sigma = (n_draws * p_in * (1 - p_in)).sqrt()
+    assert ((counts - n_draws * p_in).abs() < 4.5 * sigma).all(), (counts / n_draws, p_in)
+
+
+def test_top_filter_is_deterministic_top_k():
+    gen = torch.Generator().manual_seed(3)
+    for k in (1, 3, 6):
+        first = filter_batch(S, k, "top", gen)
+        assert sorted(first.tolist()) == sorted(torch.argsort(S, descending=True)[:k].tolist())
+        for _ in range(5):
+            assert filter_batch(S, k, "top", gen).tolist() == first.tolist()
+    with pytest.raises(ValueError):
+        filter_batch(S, 2, "nonsense", gen)
+
+
+def test_filters_return_long_indices_in_range():
+    gen = torch.Generator().manual_seed(4)
+    for how in ("importance", "without_replacement", "top"):
+        idx = filter_batch(S.float(), 3, how, gen)
+        assert idx.dtype == torch.long and idx.shape == (3,)
+        assert 0 <= idx.min() and idx.max() < len(S)
+        assert math.isfinite(float(idx.sum()))

@@ -1,0 +1,117 @@
+"""Bad input through the command line: each case is a one-line error that names the file or flag,
+a non-zero exit, no traceback, and nothing written into out_dir."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n_layer=1", "--n_embd=16", "--n_head=2", "--n_hidden=32", "--seq_len=32", "--batch_size=4",
+        "--big_batch_size=16", "--specific_batch_size=4", "--max_steps=4", "--eval_interval=2",
+        "--eval_examples=16", "--weighter_dim=8"]
+
+
+def run(args, cwd=ROOT):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def write_jsonl(path, texts, gz=False):
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in texts)
+    if gz:
+        with gzip.open(path, "wt") as f:
+            f.write(lines)
+    else:
+        path.write_text(lines)
+    return str(path)
+
+
+@pytest.fixture
+def corpora(tmp_path):
+    words = "the market rose as traders bought shares of the company said on monday".split()
+    docs = [" ".join(words[i % 7:] + words[: i % 5]) + f" {i}" for i in range(400)]
+    g = write_jsonl(tmp_path / "generic.jsonl", docs)
+    s = write_jsonl(tmp_path / "specific.jsonl", docs[:200])
+    return g, s
+
+
+def assert_one_line_error(res, *needles, out_dir=None):
+    assert res.returncode != 0, res.stdout
+    assert "Traceback" not in res.stderr, res.stderr
+    err = [l for l in res.stderr.strip().splitlines() if l.strip()]
+    assert len(err) == 1, res.stderr
+    assert err[0].startswith("error:"), err[0]
+    for n in needles:
+        assert n in err[0], (n, err[0])
+    if out_dir is not None:
+        assert not os.path.exists(out_dir) or os.listdir(out_dir) == [], os.listdir(out_dir)
+
+
+def test_missing_path(tmp_path, corpora):
+    out = tmp_path / "out"
+    res = run(["--generic=" + str(tmp_path / "nope.jsonl"), "--specific=" + corpora[1], f"--out_dir={out}", *TINY])
+    assert_one_line_error(res, "nope.jsonl", out_dir=out)
+
+
+def test_empty_file(tmp_path, corpora):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    out = tmp_path / "out"
+    res = run([f"--generic={empty}", "--specific=" + corpora[1], f"--out_dir={out}", *TINY])
+    assert_one_line_error(res, "empty.jsonl", out_dir=out)
+
+
+def test_binary_garbage(tmp_path, corpora):
+    junk = tmp_path / "junk.txt"
+    junk.write_bytes(bytes(range(256)) * 64)
+    out = tmp_path / "out"
+    res = run([f"--generic={junk}", "--specific=" + corpora[1], f"--out_dir={out}", *TINY])
+    assert_one_line_error(res, "junk.txt", out_dir=out)
+
+
+def test_json_line_that_does_not_parse(tmp_path, corpora):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "fine"}) + "\n{not json\n")
+    out = tmp_path / "out"
+    res = run([f"--generic={bad}", "--specific=" + corpora[1], f"--out_dir={out}", *TINY])
+    assert_one_line_error(res, "bad.jsonl", "2", out_dir=out)
+
+
+def test_record_without_text(tmp_path, corpora):
+    bad = tmp_path / "notext.jsonl"
+    bad.write_text(json.dumps({"body": "no text field"}) + "\n")
+    out = tmp_path / "out"
+    res = run([f"--generic={bad}", "--specific=" + corpora[1], f"--out_dir={out}", *TINY])
+    assert_one_line_error(res, "notext.jsonl", "text", out_dir=out)
+
+
+@pytest.mark.parametrize("flag,needle", [
+    ("--no_such_flag=3", "--no_such_flag"),              # unknown flag
+    ("--batch_size=many", "--batch_size"),               # a value of the wrong type
+    ("--big_batch_size=0", "--big_batch_size"),          # a non-positive size
+    ("--batch_size=64", "--batch_size"),                 # batch_size larger than big_batch_size (16)
+    ("--method=magic", "--method"),                      # an unknown method
+])
+def test_bad_flags(tmp_path, flag, needle):
+    out = tmp_path / "out"
+    res = run([f"--out_dir={out}", *TINY, flag])
+    assert_one_line_error(res, needle, out_dir=out)
+
+
+def test_specific_set_smaller_than_one_batch(tmp_path, corpora):
+    small = write_jsonl(tmp_path / "small.jsonl", ["only one short document"])
+    out = tmp_path / "out"
+    res = run(["--generic=" + corpora[0], f"--specific={small}", f"--out_dir={out}", *TINY])
+    assert_one_line_error(res, "--specific", out_dir=out)
+
+
+def test_mismatched_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    assert run([f"--out_dir={out}", *TINY, "--method=baseline"]).returncode == 0
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    res = run([f"--out_dir={out}", *TINY, "--method=baseline", "--n_embd=32", "--resume"])
+    assert_one_line_error(res, "n_embd")
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before   # untouched

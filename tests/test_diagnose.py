@@ -1,0 +1,371 @@
+"""Tests for diagnose.py (sar, weights, select, compare, table) and train.py's section-6 methods
+(frozen, shuffled). Everything runs on tiny corpora and models in seconds on a CPU."""
+
+import gzip
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import diagnose  # noqa: E402
+import train  # noqa: E402
+from model import ByteLM, ModelConfig  # noqa: E402
+from weighter import Weighter, score  # noqa: E402
+
+
+# -----------------------------------------------------------------------------------------------
+# helpers: a tiny corpus pair and a tiny trained run
+
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--n_hidden=32", "--seq_len=32", "--weighter_dim=8",
+        "--batch_size=4", "--big_batch_size=16", "--specific_batch_size=4", "--warmup=2",
+        "--eval_interval=2", "--eval_examples=32", "--eval_batch_size=32"]
+
+
+def write_jsonl(path, records):
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def doc(source, i, split):
+    # three recognisable kinds of text, ~60-100 bytes each
+    text = {"news": f"Reuters reported on day {i} that shares of company {i % 7} rose {i % 5} pct in trade.",
+            "code": f"def f_{i}(x):\n    return x * {i} + {i % 3}  # code {i}",
+            "noise": "".join(chr(33 + (i * 7919 + k * 104729) % 90) for k in range(70))}[source]
+    return {"text": text, "source": source, "split": split}
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpora")
+    gen = d / "generic"
+    gen.mkdir()
+    for src in ("news", "code", "noise"):
+        write_jsonl(gen / f"{src}.jsonl", [doc(src, i, "train") for i in range(60)] +
+                    [doc(src, 100 + i, "valid") for i in range(10)] + [doc(src, 200 + i, "test") for i in range(5)])
+    spec = write_jsonl(d / "specific.jsonl", [doc("news", 1000 + i, "train") for i in range(30)] +
+                       [doc("news", 2000 + i, s) for i, s in enumerate(["valid", "test"] * 10)])
+    return str(gen), spec
+
+
+def train_run(out_dir, corpora, *extra):
+    gen, spec = corpora
+    cfg = train.parse_args(TINY + [f"--generic={gen}", f"--specific={spec}", f"--out_dir={out_dir}"] + list(extra),
+                           diagnose.train_defaults())
+    ctx, code = train.run(cfg)
+    assert code == 0
+    return ctx
+
+
+@pytest.fixture(scope="module")
+def soba_run(tmp_path_factory, corpora):
+    out = str(tmp_path_factory.mktemp("runs") / "soba")
+    train_run(out, corpora, "--method=soba", "--max_steps=4", "--finetune_steps=2")
+    return out
+
+
+# -----------------------------------------------------------------------------------------------
+# sar: JVP inner products against explicit per-example gradients
+
+def brute_force_alignments(model, x, B):
+    """a_norm(x, B) with explicit per-example gradients: (n,)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = lambda gs: torch.cat([g.reshape(-1) for g in gs])
+    g_B = flat(torch.autograd.grad(model(B).mean(), params))                      # ∇ℓ(B)
+    per_example = torch.stack([flat(torch.autograd.grad(model(x[i:i + 1]).sum(), params))
+                               for i in range(len(x))])                           # (n, P) ∇ℓ(x)
+    return per_example @ (g_B / g_B.norm())
+
+
+def test_sar_inner_products_and_rates_match_brute_force():
+    torch.manual_seed(0)
+    model = ByteLM(ModelConfig(n_layer=1, n_head=2, n_embd=16, n_hidden=32, seq_len=12, dropout=0.0)).eval()
+    letters = lambda n: torch.randint(97, 102, (n, 12), dtype=torch.uint8)        # "specific": 5 letters
+    ascii_ = lambda n: torch.randint(32, 127, (n, 12), dtype=torch.uint8)         # "generic": any ASCII
+    sar_fast, gar_fast, sar_slow, gar_slow = [], [], [], []
+    for _ in range(3):   # three draws of (B_specific, B_generic, x)
+        B_s, B_g, x_s, x_g = letters(6), ascii_(6), letters(8), ascii_(8)
+        x = torch.cat([x_s, x_g])
+        a_s, a_g = diagnose.alignments(model, x, B_s, B_g)
+        b_s, b_g = brute_force_alignments(model, x, B_s), brute_force_alignments(model, x, B_g)
+        torch.testing.assert_close(a_s, b_s, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(a_g, b_g, rtol=1e-4, atol=1e-7)
+        assert (b_s - b_g).abs().min() > 1e-4 * b_s.abs().max()   # no near-ties: indicators are well defined
+        s, g = diagnose.acceleration_indicators(model, x_s, x_g, B_s, B_g)
+        sar_fast.append(s), gar_fast.append(g)
+        sar_slow.append(b_s[:8] > b_g[:8]), gar_slow.append(b_g[8:] > b_s[8:])
+    assert torch.equal(torch.stack(sar_fast), torch.stack(sar_slow))
+    assert torch.equal(torch.stack(gar_fast), torch.stack(gar_slow))
+    r = diagnose.rate_summary(torch.stack(sar_fast))
+    assert r["rate"] == torch.stack(sar_slow).float().mean().item()
+    assert r["ci95_wilson"][0] <= r["rate"] <= r["ci95_wilson"][1]
+
+
+def test_rate_intervals():
+    # Wilson interval of 8/10 (textbook value 0.490 .. 0.943)
+    lo, hi = diagnose.wilson(8, 10)
+    assert abs(lo - 0.4902) < 1e-3 and abs(hi - 0.9433) < 1e-3
+    # identical draws: the bootstrap over draws has zero width at the rate
+    ind = torch.tensor([[True, True, False, True]] * 5)
+    assert diagnose.bootstrap_over_draws(ind) == pytest.approx((0.75, 0.75))
+    # draws that disagree: a wide interval around the mean
+    ind = torch.tensor([[True] * 4] * 5 + [[False] * 4] * 5)
+    lo, hi = diagnose.bootstrap_over_draws(ind)
+    assert lo < 0.3 and hi > 0.7
+
+
+def test_sar_cli_pretrains_and_reads_a_checkpoint(corpora, soba_run, tmp_path, capsys):
+    gen, spec = corpora
+    out = tmp_path / "sar.json"
+    rc = diagnose.main(["sar", f"--generic={gen}", f"--specific={spec}", "--pretrain_steps=2", "--draws=3",
+                        "--n_examples=4", f"--out_json={out}", f"--save_ckpt={tmp_path}/theta.pt"] + TINY)
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["sar"]["n"] == res["gar"]["n"] == 12 and 0 <= res["sar"]["rate"] <= 1
+    assert "SAR" in capsys.readouterr().out
+    # the same θ read back: the same rates (same seed, same draws)
+    assert diagnose.main(["sar", f"--ckpt={tmp_path}/theta.pt", "--draws=3", "--n_examples=4", f"--out_json={out}"]) == 0
+    again = json.loads(out.read_text())
+    assert again["sar"]["rate"] == res["sar"]["rate"] and again["gar"]["rate"] == res["gar"]["rate"]
+    assert diagnose.main(["sar", f"--ckpt={soba_run}/ckpt.pt", "--draws=2", "--n_examples=3"]) == 0
+    assert diagnose.main(["sar", f"--ckpt={tmp_path}/none.pt"]) == 2
+
+
+# -----------------------------------------------------------------------------------------------
+# compare: time to a target loss on hand-made logs
+
+def fake_run(d, method, losses, elapsed, summary=None):
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump({"method": method}, f)
+    with open(os.path.join(d, "log.jsonl"), "w") as f:
+        for i, (loss, t) in enumerate(zip(losses, elapsed)):
+            f.write(json.dumps({"step": 100 * (i + 1), "phase": "pretrain", "elapsed_s": t,
+                                "specific_valid_loss": loss, "specific_test_loss": loss + 0.01}) + "\n")
+        f.write(json.dumps({"step": 999, "phase": "finetune", "elapsed_s": 999, "specific_valid_loss": 0.1}) + "\n")
+    if summary is not None:
+        with open(os.path.join(d, "summary.json"), "w") as f:
+            json.dump(summary, f)
+    return d
+
+
+def test_time_to_target_interpolates():
+    recs = [{"step": 100 * (i + 1), "phase": "pretrain", "elapsed_s": 15.0 * (i + 1), "specific_valid_loss": v}
+            for i, v in enumerate([1.9, 1.5, 1.3, 1.2])]
+    recs.append({"step": 900, "phase": "finetune", "elapsed_s": 1.0, "specific_valid_loss": 0.0})
+    # crosses 1.4 halfway between step 200 (1.5) and step 300 (1.3)
+    assert diagnose.time_to_target(recs, 1.4) == pytest.approx((250.0, 37.5))
+    assert diagnose.time_to_target(recs, 1.4, interpolate=False) == (300.0, 45.0)
+    assert diagnose.time_to_target(recs, 1.3) == pytest.approx((300.0, 45.0))      # exactly at an eval
+    assert diagnose.time_to_target(recs, 2.5) == (100.0, 15.0)                      # below from the first eval
+    assert diagnose.time_to_target(recs, 1.0) == (None, None)                       # fine-tuning does not count
+
+
+def test_compare_speedups(tmp_path, capsys):
+    base = fake_run(str(tmp_path / "base"), "baseline", [2.0, 1.8, 1.6, 1.5, 1.4], [10, 20, 30, 40, 50])
+    soba = fake_run(str(tmp_path / "soba"), "soba", [1.9, 1.5, 1.3, 1.2, 1.1], [15, 30, 45, 60, 75],
+                    summary={"steps": 500, "specific_valid_loss": 1.1, "specific_test_loss": 1.11, "ms_per_step": 150.0})
+    out = tmp_path / "cmp.md"
+    assert diagnose.main(["compare", f"--runs={base},{soba}", f"--out={out}"]) == 0
+    res = json.loads((tmp_path / "cmp.json").read_text())
+    assert res["target"] == 1.4 and res["baseline"] == base          # default: the baseline's final loss
+    r = res["runs"][soba]
+    assert r["steps_to_target"] == pytest.approx(250) and r["seconds_to_target"] == pytest.approx(37.5)
+    assert r["speedup_steps"] == pytest.approx(2.0) and r["speedup_time"] == pytest.approx(50 / 37.5)
+    assert res["runs"][base]["speedup_time"] == pytest.approx(1.0)
+    assert "2.00x" in capsys.readouterr().out and "2.00x" in out.read_text()
+    assert diagnose.main(["compare", f"--runs={base},{soba}", "--target=1.0"]) == 0
+    assert "not reached" in capsys.readouterr().out
+    assert diagnose.main(["compare", f"--runs={tmp_path}/missing"]) == 2
+
+
+# -----------------------------------------------------------------------------------------------
+# select: exact top-k, atomic output, never the input, O(k) memory
+
+@pytest.fixture
+def scored_corpus(tmp_path):
+    torch.manual_seed(1)
+    w = Weighter(dim=8, kernel=3)
+    ckpt = tmp_path / "wrun"
+    ckpt.mkdir()
+    torch.save({"weighter": w.state_dict(), "config": {"weighter_dim": 8, "weighter_kernel": 3, "seq_len": 16,
+                                                        "method": "soba"}}, ckpt / "ckpt.pt")
+    docs = [doc(src, i, "train") for i in range(15) for src in ("news", "code", "noise")]
+    a = write_jsonl(tmp_path / "a.jsonl", docs[:20])
+    b = write_jsonl(tmp_path / "b.jsonl.gz", docs[20:])
+    # the expected score of each document: s(x; α) of its first 16 normalised bytes
+    x = torch.stack([diagnose.doc_windows(diagnose.data.encode(d["text"]), 16, "first")[0] for d in docs])
+    return str(ckpt), f"{a},{b}", docs, score(w.eval(), x)
+
+
+def read_out(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_select_top_k_exact(scored_corpus, tmp_path, monkeypatch):
+    run, inp, docs, s = scored_corpus
+    biggest = []
+    push = diagnose.TopK.push
+    monkeypatch.setattr(diagnose.TopK, "push", lambda self, *a: (push(self, *a), biggest.append(len(self.heap))))
+    out = tmp_path / "sel.jsonl"
+    assert diagnose.main(["select", f"--run={run}", f"--input={inp}", f"--output={out}", "--sample=7", "--batch=4"]) == 0
+    got = read_out(out)
+    assert len(got) == 7 and max(biggest) == 7            # never more than k documents kept
+    assert {r["text"] for r in got} == {docs[i]["text"] for i in torch.topk(s, 7).indices.tolist()}
+    for r in got:
+        i = [d["text"] for d in docs].index(r["text"])
+        assert r["source"] == docs[i]["source"] and r["score"] == pytest.approx(s[i].item(), abs=1e-5)
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    # --fraction: k = ⌈fraction · N⌉ after a counting pass, same top set
+    assert diagnose.main(["select", f"--run={run}", f"--input={inp}", f"--output={out}", "--fraction=0.2"]) == 0
+    assert {r["text"] for r in read_out(out)} == {docs[i]["text"] for i in torch.topk(s, 9).indices.tolist()}
+
+
+def test_select_sample_and_mean_modes(scored_corpus, tmp_path):
+    run, inp, docs, _ = scored_corpus
+    out = tmp_path / "sel.jsonl.gz"
+    assert diagnose.main(["select", f"--run={run}", f"--input={inp}", f"--output={out}", "--sample=10",
+                          "--mode=sample", "--doc_score=mean"]) == 0
+    with gzip.open(out, "rt") as f:
+        got = [json.loads(line) for line in f]
+    assert len(got) == len({r["text"] for r in got}) == 10
+    # a draw ∝ exp(s), not the top-k: another seed draws another set
+    out2 = tmp_path / "sel2.jsonl"
+    assert diagnose.main(["select", f"--run={run}", f"--input={inp}", f"--output={out2}", "--sample=10",
+                          "--mode=sample", "--doc_score=mean", "--seed=1"]) == 0
+    assert {r["text"] for r in read_out(out2)} != {r["text"] for r in got}
+
+
+def test_select_refuses_its_input_and_bad_options(scored_corpus, tmp_path):
+    run, inp, _, _ = scored_corpus
+    a = inp.split(",")[0]
+    before = open(a).read()
+    assert diagnose.main(["select", f"--run={run}", f"--input={inp}", f"--output={a}", "--sample=3"]) == 2
+    assert diagnose.main(["select", f"--run={run}", f"--input={tmp_path}", f"--output={a}", "--sample=3"]) == 2
+    assert open(a).read() == before
+    out = f"--output={tmp_path}/o.jsonl"
+    assert diagnose.main(["select", f"--run={run}", f"--input={inp}", out]) == 2                     # no k
+    assert diagnose.main(["select", f"--run={run}", f"--input={inp}", out, "--sample=3", "--mode=x"]) == 2
+    assert diagnose.main(["select", f"--run={tmp_path}", f"--input={inp}", out, "--sample=3"]) == 2  # no ckpt
+
+
+def test_topk_keeps_k_and_earlier_ties():
+    t = diagnose.TopK(3)
+    for i, v in enumerate([5, 1, 9, 5, 7, 5, 0]):
+        t.push(v, i, float(v))
+        assert len(t.heap) <= 3
+    assert t.kept() == {2: 9.0, 4: 7.0, 0: 5.0}            # the tie at 5 keeps the first document
+
+
+# -----------------------------------------------------------------------------------------------
+# weights and table
+
+def test_weights_report_on_a_real_run(soba_run, capsys):
+    assert diagnose.main(["weights", f"--run={soba_run}", "--n_examples=40", "--bins=4"]) == 0
+    out = capsys.readouterr().out
+    for text in ("share of the examples trained on", "news", "ESS", "highest-weighted", "Spearman", "score bin"):
+        assert text in out
+    assert diagnose.main(["weights", "--run=/nonexistent/run"]) == 2
+
+
+def test_weights_on_a_scalebio_run(corpora, tmp_path, capsys):
+    train_run(str(tmp_path), corpora, "--method=scalebio", "--max_steps=2")
+    assert diagnose.main(["weights", f"--run={tmp_path}", "--plot=none"]) == 0
+    out = capsys.readouterr().out
+    assert "λ (per-source weight)" in out and "| news |" in out and "no text-scoring weighting network" in out
+
+
+def test_weights_on_the_builtin_corpus(tmp_path, capsys):
+    cfg = train.parse_args(TINY + ["--method=soba", "--max_steps=2", f"--out_dir={tmp_path}"], diagnose.train_defaults())
+    assert train.run(cfg)[1] == 0
+    assert diagnose.main(["weights", f"--run={tmp_path}", "--n_examples=30", "--bins=3", "--plot=none"]) == 0
+    assert "target" in capsys.readouterr().out            # the built-in corpus's hidden in-domain source
+
+
+def test_table_assembles_from_run_dirs(tmp_path, capsys):
+    for m, s, pre, ft in [("baseline", 0, 1.2, 0.9), ("baseline", 1, 1.4, 0.8), ("soba", 0, 1.0, 0.7)]:
+        os.makedirs(tmp_path / f"{m}_s{s}")
+        with open(tmp_path / f"{m}_s{s}" / "summary.json", "w") as f:
+            json.dump({"method": m, "specific_test_loss": pre, "specific_test_loss_finetuned": ft, "ms_per_step": 10.0}, f)
+    assert diagnose.main(["table", f"--out_dir={tmp_path}", "--assemble_only=True"]) == 0
+    res = json.loads((tmp_path / "table.json").read_text())["methods"]
+    assert res["baseline"]["pretrain"] == pytest.approx([1.3, math.sqrt(0.02)])
+    assert res["baseline"]["finetune"][0] == pytest.approx(0.85) and res["baseline"]["seeds"] == [0, 1]
+    assert res["soba"]["pretrain"] == [1.0, None] and res["cds"]["seeds"] == []
+    md = (tmp_path / "table.md").read_text()
+    assert "| Baseline | 1.300 ± 0.141 | 0.850 ± 0.071 |" in md and "| Sparse SOBA | 1.000 | 0.700 |" in md
+    assert "| CDS | — | — |" in md and "1.019" in md
+    assert diagnose.main(["table", f"--out_dir={tmp_path}", "--method=soba"]) == 2
+
+
+def test_table_runs_train_py_once_per_method_and_seed(corpora, tmp_path, capsys):
+    gen, spec = corpora
+    args = ["table", f"--out_dir={tmp_path}", "--methods=baseline,not_a_method", "--seeds=0", "--max_steps=2",
+            "--finetune_steps=2", f"--generic={gen}", f"--specific={spec}"] + TINY
+    assert diagnose.main(args) == 0
+    summary = json.loads((tmp_path / "baseline_s0" / "summary.json").read_text())
+    assert summary["config"]["max_steps"] == 2 and "specific_test_loss_finetuned" in summary
+    res = json.loads((tmp_path / "table.json").read_text())
+    assert res["methods"]["baseline"]["pretrain"][0] == pytest.approx(summary["specific_test_loss"])
+    assert any("not_a_method" in n for n in res["notes"])
+    mtime = os.path.getmtime(tmp_path / "baseline_s0" / "summary.json")
+    assert diagnose.main(args) == 0                               # a finished run is kept, not redone
+    assert os.path.getmtime(tmp_path / "baseline_s0" / "summary.json") == mtime
+    assert "exists, kept" in capsys.readouterr().out
+
+
+def test_cli_errors(capsys):
+    assert diagnose.main(["nope"]) == 2
+    assert diagnose.main(["compare", "--bogus=1"]) == 2
+    assert diagnose.main(["compare", "positional"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 3 and all(line.startswith("error: ") for line in err.strip().splitlines())
+
+
+# -----------------------------------------------------------------------------------------------
+# train.py: frozen and shuffled weighting networks (section 6)
+
+def test_soba_saves_its_weighter_trajectory(soba_run):
+    files = sorted(os.listdir(os.path.join(soba_run, "weighters")))
+    assert files == ["step_2.pt", "step_4.pt"]               # every pretraining evaluation, not fine-tuning
+    last = torch.load(os.path.join(soba_run, "weighters", "step_4.pt"), weights_only=True)
+    ckpt = torch.load(os.path.join(soba_run, "ckpt.pt"), weights_only=True)
+    for k, v in ckpt["weighter"].items():
+        assert torch.equal(v, last["weighter"][k])           # α no longer moves while fine-tuning
+
+
+def test_frozen_keeps_the_weighter_fixed_with_another_model_size(soba_run, corpora, tmp_path):
+    ctx = train_run(str(tmp_path / "frozen"), corpora, "--method=frozen", f"--weighter_ckpt={soba_run}",
+                    "--max_steps=4", "--n_embd=32", "--weighter_dim=16")   # this run's own weighter_dim is ignored
+    src = torch.load(os.path.join(soba_run, "ckpt.pt"), weights_only=True)["weighter"]
+    saved = torch.load(tmp_path / "frozen" / "ckpt.pt", weights_only=True)
+    for k, v in src.items():
+        assert torch.equal(ctx.weighter.state_dict()[k], v) and torch.equal(saved["weighter"][k], v)
+    log = [json.loads(line) for line in open(tmp_path / "frozen" / "log.jsonl")]
+    assert "source_share" in log[-1] and "ess" in log[-1]
+    assert not os.path.exists(tmp_path / "frozen" / "weighters")
+    with pytest.raises(train.ConfigError):
+        train.parse_args(["--method=frozen"], diagnose.train_defaults())
+    with pytest.raises(train.ConfigError):
+        train_run(str(tmp_path / "f2"), corpora, "--method=frozen", f"--weighter_ckpt={tmp_path}/none.pt")
+
+
+def test_shuffled_replays_the_trajectory_in_a_permutation(soba_run, corpora, tmp_path):
+    gen, spec = corpora
+    cfg = train.parse_args(TINY + [f"--generic={gen}", f"--specific={spec}", "--method=shuffled", "--max_steps=6",
+                                   f"--weighter_trajectory={soba_run}", "--seed=2"], diagnose.train_defaults())
+    ctx = train.setup(cfg)
+    snaps = [torch.load(p, weights_only=True)["weighter"] for p in ctx.trajectory]
+    assert ctx.sigma.tolist() == [1, 0]                        # seed 2: not the identity, so order matters
+    for step in range(6):
+        train.step_fixed(ctx, step)
+        want = snaps[int(ctx.sigma[step * 2 // 6])]            # 2 snapshots → 2 segments of 3 steps
+        assert all(torch.equal(ctx.weighter.state_dict()[k], v) for k, v in want.items())
+    assert not torch.equal(snaps[0]["head.weight"], snaps[1]["head.weight"])   # the replay is not trivial
