@@ -221,6 +221,7 @@ def sar_setup(opts, train_argv):
     for step in tqdm(range(opts["pretrain_steps"]), desc="pretrain (baseline)", leave=False, disable=None):
         for group in ctx.opt.param_groups:
             group["lr"] = train.lr_at(step, cfg)
+        ctx.step = step
         train.step_baseline(ctx, step)
     if opts["save_ckpt"]:    # θ_t for later `sar --ckpt=...` calls (pretraining never reads the specific set)
         st = {"step": opts["pretrain_steps"], "config": cfg, "model": ctx.model.state_dict()}
@@ -565,7 +566,7 @@ def cmd_select(argv):
     opts, _ = parse_options(argv, SELECT_OPTIONS, "select")
     check_select(opts)
     weighter, st = train.load_weighter(opts["run"], flag="--run")
-    seq_len = st["config"]["seq_len"]
+    seq_len = st["config"].get("seq_len", train.seq_len)     # the windows α was trained on
     docs = lambda: limited(iter_documents(opts["input"]), opts["max_docs"])
     if opts["sample"]:
         k = opts["sample"]

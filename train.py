@@ -279,8 +279,12 @@ def main_update(ctx, x=None, grads=None, specific_x=None, weights=None):
             total = loss if specific_x is None else (ctx.cfg["generic_weight"] * loss + (1 - ctx.cfg["generic_weight"])
                                                      * ctx.model(specific_x).float().mean())
         total.backward()
-    if ctx.cfg["grad_clip"] > 0:
-        torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), ctx.cfg["grad_clip"])
+    # ‖∇_θ‖ (clipped to grad_clip when set); checked before the step so θ never takes a NaN update
+    norm = torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), ctx.cfg["grad_clip"] or float("inf"))
+    ctx.stats["grad_norm"] = norm.item()
+    if not math.isfinite(ctx.stats["grad_norm"]):
+        raise TrainingError(f"step {ctx.step}: the gradient of θ is {ctx.stats['grad_norm']} "
+                            "(the last good checkpoint is kept)")
     ctx.opt.step()
     return loss.item()
 
@@ -683,8 +687,9 @@ STEPS.update(cds=step_cds, classifier=step_classifier, ltr=step_ltr, mwn=step_mw
 # `frozen` (6.1 "final weighting", 6.4 "weights from small"): Algorithm 1 with α fixed to a weighting
 # network trained by another run, possibly with a different main model (only α's own size must
 # match, and it is read from that run's config). No outer update: every step draws B_generic^big,
-# keeps filter(B, α, b) and takes one step on the uniform mean loss of those b examples, i.e. ERM on
-#     min_θ Σ_{x∈D_generic} w(x; α) ℓ(x; θ)        with α fixed.
+# keeps filter(B, α, b) and takes one step on the uniform mean loss of those b examples: the paper's
+#     min_θ Σ_{x∈D_generic} w(x; α) ℓ(x; θ)        with α fixed (6.4),
+# sampled as Algorithm 1 samples it (the filter's bias, section 6.2, included).
 # `shuffled` (6.1): the α_t a run saved during training (out_dir/weighters/, see save_weighter_every)
 # replayed in a random order σ: the max_steps steps are cut into K equal segments, one per saved
 # α_{t_1}, ..., α_{t_K}, and segment j uses α_{t_σ(j)}. σ comes from --seed, so a resumed run replays
@@ -783,7 +788,8 @@ def save_weighter_snapshot(ctx, done):
     d = os.path.join(cfg["out_dir"], "weighters")
     os.makedirs(d, exist_ok=True)
     snap = {"step": done, "weighter": ctx.weighter.state_dict(), "config": {
-        "method": cfg["method"], "weighter_dim": cfg["weighter_dim"], "weighter_kernel": cfg["weighter_kernel"]}}
+        "method": cfg["method"], "weighter_dim": cfg["weighter_dim"], "weighter_kernel": cfg["weighter_kernel"],
+        "seq_len": cfg["seq_len"]}}
     atomic_write(os.path.join(d, f"step_{done}.pt"), lambda p: torch.save(snap, p))
 
 
@@ -892,6 +898,7 @@ def setup(cfg):
         ctx.eval_sets[f"{name}_test"] = eval_subset(s.test, n, 2)
     ctx.counts = [0] * len(generic_c.sources)      # per source, trained-on examples this interval
     ctx.seen, ctx.train_time, ctx.best, ctx.last_eval, ctx.stats, ctx.last_loss = 0, 0.0, None, {}, {}, float("nan")
+    ctx.step = 0
     setup_scalebio(ctx)
     setup_baselines(ctx)
     setup_fixed(ctx)
@@ -914,6 +921,9 @@ def source_share(ctx):
 def log_eval(ctx, step, phase):
     rec = {"step": step, "phase": phase, "elapsed_s": round(ctx.train_time, 2), "examples_seen": ctx.seen,
            **eval_all(ctx), "lr": lr_at(step, ctx.cfg), "train_loss": ctx.last_loss}
+    for k, v in rec.items():
+        if k.endswith("_loss") and not math.isfinite(v):
+            raise TrainingError(f"step {step}: {k} is {v} (the last good checkpoint is kept)")
     rec.update({k: v for k, v in ctx.stats.items()})
     rec.update(scalebio_log(ctx, phase))     # ScaleBiO: λ per source, as "lambda" and "source_share"
     share = source_share(ctx)
@@ -972,6 +982,7 @@ def run(cfg):
         for group in ctx.opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         t0 = time.perf_counter()
+        ctx.step = step
         idx = (STEPS[cfg["method"]] if phase == "pretrain" else step_specific)(ctx, step)
         dt = time.perf_counter() - t0
         ctx.train_time += dt
@@ -981,8 +992,9 @@ def run(cfg):
         if idx is not None:
             for i in ctx.generic.train.source_id[idx].tolist():
                 ctx.counts[i] += 1
-        if not math.isfinite(ctx.last_loss):
-            raise TrainingError(f"step {step}: training loss is {ctx.last_loss} (the last good checkpoint is kept)")
+        for name, value in [("training loss", ctx.last_loss), *ctx.stats.items()]:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise TrainingError(f"step {step}: {name} is {value} (the last good checkpoint is kept)")
         bar.set_postfix(loss=f"{ctx.last_loss:.3f}")
         done = step + 1
         save_weighter_snapshot(ctx, done)     # α_t for `shuffled` replays (section 6.1)

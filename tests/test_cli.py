@@ -115,3 +115,24 @@ def test_mismatched_checkpoint(tmp_path):
     res = run([f"--out_dir={out}", *TINY, "--method=baseline", "--n_embd=32", "--resume"])
     assert_one_line_error(res, "n_embd")
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before   # untouched
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """A non-finite loss at step 5 stops the run with a one-line error naming the step; the
+    checkpoint of step 4 stays as it was."""
+    import torch
+    sys.path.insert(0, ROOT)
+    import train
+    original = train.STEPS["baseline"]
+
+    def poisoned(ctx, step):
+        idx = original(ctx, step)
+        if step == 5:
+            ctx.last_loss = float("nan")
+        return idx
+    monkeypatch.setitem(train.STEPS, "baseline", poisoned)
+    out = tmp_path / "out"
+    assert train.main([f"--out_dir={out}", *TINY, "--method=baseline", "--max_steps=20"]) == 2
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 4 and all(torch.isfinite(t).all() for t in ck["model"].values())
+    assert not (out / "summary.json").exists()

@@ -339,6 +339,9 @@ def test_soba_saves_its_weighter_trajectory(soba_run):
     ckpt = torch.load(os.path.join(soba_run, "ckpt.pt"), weights_only=True)
     for k, v in ckpt["weighter"].items():
         assert torch.equal(v, last["weighter"][k])           # α no longer moves while fine-tuning
+    assert last["config"]["seq_len"] == 32                     # self-describing: `select` can use a snapshot
+    w, _ = train.load_weighter(os.path.join(soba_run, "weighters", "step_2.pt"))
+    assert w.embed.weight.shape == (256, 8)
 
 
 def test_frozen_keeps_the_weighter_fixed_with_another_model_size(soba_run, corpora, tmp_path):

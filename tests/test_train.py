@@ -1,0 +1,174 @@
+"""End-to-end tests of train.py on the built-in synthetic corpus (no files needed).
+
+The runs are short but real: the default model on the built-in corpus, seeded, so every number
+below is reproducible. The slowest test is the target-share one: 60 steps of each sparse method
+with the default config (about a minute each on a shared 2-core CPU).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+import train
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def run_main(out_dir, *flags):
+    """train.main in-process; returns (summary dict, list of log.jsonl records)."""
+    code = train.main([f"--out_dir={out_dir}", *flags])
+    assert code == 0
+    return read_outputs(out_dir)
+
+
+def read_outputs(out_dir):
+    with open(os.path.join(out_dir, "summary.json")) as f:
+        summary = json.load(f)
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        log = [json.loads(line) for line in f if line.strip()]
+    return summary, log
+
+
+# The default config with only the run length and the evaluation shortened. The source share in
+# summary.json counts the examples trained on since the previous evaluation, here steps 40-60.
+SHARE_STEPS = 60
+SHARE_FLAGS = (f"--max_steps={SHARE_STEPS}", "--eval_interval=20", "--eval_examples=200")
+
+
+@pytest.fixture(scope="module")
+def default_runs(tmp_path_factory):
+    """One run per sparse method with the default config, shared by the tests of this module."""
+    cache = {}
+
+    def get(method):
+        if method not in cache:
+            out = tmp_path_factory.mktemp(f"default_{method}")
+            cache[method] = (out, *run_main(out, f"--method={method}", *SHARE_FLAGS))
+        return cache[method]
+    return get
+
+
+# ----------------------------------------------------------------------------------------------
+# a default run: outputs and learning
+
+
+def test_default_run_learns_and_writes_outputs(default_runs):
+    out, summary, log = default_runs("soba")            # soba is the default method
+    assert summary["config"]["method"] == train.method == "soba"
+    # the specific valid loss goes down between the first and the last evaluation
+    assert [r["step"] for r in log] == [20, 40, 60]
+    assert log[-1]["specific_valid_loss"] < log[0]["specific_valid_loss"] - 0.5, log
+    for key in ("steps", "specific_valid_loss", "specific_test_loss", "generic_valid_loss", "ms_per_step",
+                "peak_mem_mb", "config", "source_share", "target_source"):
+        assert key in summary, key
+    assert summary["steps"] == SHARE_STEPS
+    assert summary["specific_valid_loss"] == log[-1]["specific_valid_loss"]
+    assert summary["ms_per_step"] > 0 and summary["peak_mem_mb"] > 0
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
+    assert ckpt["step"] == SHARE_STEPS
+    assert {"model", "weighter", "v"} <= set(ckpt)
+
+
+@pytest.mark.parametrize("method", ["dds", "soba", "anograd"])
+def test_sparse_methods_upweight_the_target_source(default_runs, method):
+    """The built-in generic pool holds 5% of target-domain documents; the learned weighting must
+    at least triple their share of what the main model trains on."""
+    _, summary, _ = default_runs(method)
+    target = summary["target_source"]
+    share = summary["source_share"][target]
+    print(f"{method}: target share {share['share']:.3f} (base {share['base']:.3f}), "
+          f"{share['share'] / share['base']:.1f}x")
+    assert share["base"] == pytest.approx(0.05, abs=0.005)
+    assert share["share"] >= 3 * share["base"], share
+
+
+# ----------------------------------------------------------------------------------------------
+# exact resume after SIGTERM
+
+RESUME_METHODS = ["baseline", "soba"]
+RESUME_STEPS = 40
+RESUME_FLAGS = [f"--max_steps={RESUME_STEPS}", "--eval_interval=10", "--eval_examples=100", "--n_layer=1",
+                "--n_embd=32", "--n_hidden=64", "--seq_len=64", "--batch_size=16", "--specific_batch_size=16",
+                "--big_batch_size=128"]
+
+
+def train_subprocess(out_dir, *flags):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={out_dir}", *flags],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc, timeout=300):
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in records]
+
+
+@pytest.mark.parametrize("method", RESUME_METHODS)
+def test_resume_after_sigterm_is_exact(tmp_path, method):
+    flags = [f"--method={method}", *RESUME_FLAGS]
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    # the uninterrupted run, alongside the one we interrupt
+    full = train_subprocess(full_dir, *flags)
+    cut = train_subprocess(cut_dir, *flags)
+    log_path = cut_dir / "log.jsonl"
+    deadline = time.time() + 300
+    while not (log_path.exists() and log_path.read_text().strip()):    # first evaluation (step 10) written
+        assert cut.poll() is None and time.time() < deadline, finish(cut)
+        time.sleep(0.05)
+    cut.send_signal(signal.SIGTERM)
+    code, out = finish(cut)
+    assert code == 128 + signal.SIGTERM, out
+    stopped_at = torch.load(cut_dir / "ckpt.pt", map_location="cpu", weights_only=True)["step"]
+    assert 10 <= stopped_at < RESUME_STEPS, stopped_at
+    code, out = finish(train_subprocess(cut_dir, *flags, "--resume"))
+    assert code == 0, out
+    code, out = finish(full)
+    assert code == 0, out
+
+    s_full, log_full = read_outputs(full_dir)
+    s_cut, log_cut = read_outputs(cut_dir)
+    for k in ("specific_valid_loss", "specific_test_loss", "generic_valid_loss", "source_share"):
+        assert s_cut[k] == s_full[k], k
+    assert without_timing(log_cut) == without_timing(log_full)
+    a = torch.load(full_dir / "ckpt.pt", map_location="cpu", weights_only=True)
+    b = torch.load(cut_dir / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert a["step"] == b["step"] == RESUME_STEPS
+    for part in ("model", "weighter", "v"):
+        if part in a:
+            assert a[part].keys() == b[part].keys()
+            for k in a[part]:
+                assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert ("weighter" in a) == (method != "baseline")
+
+
+# ----------------------------------------------------------------------------------------------
+# fine-tuning
+
+
+def test_finetune_lowers_specific_test_loss(tmp_path):
+    """30 generic steps then 30 steps on the specific training set: lower specific test loss than the
+    pretrained model, and than 60 generic steps (so it is the specific data, not just more steps)."""
+    small = ["--method=baseline", "--eval_interval=10", "--eval_examples=200", "--n_layer=1", "--n_embd=32",
+             "--n_hidden=64"]
+    summary, log = run_main(tmp_path / "ft", "--max_steps=30", "--finetune_steps=30", *small)
+    longer, _ = run_main(tmp_path / "generic60", "--max_steps=60", *small)
+    assert [r["phase"] for r in log] == ["pretrain"] * 3 + ["finetune"] * 3
+    assert summary["specific_test_loss"] == log[2]["specific_test_loss"]     # the pretrained model's
+    assert summary["specific_test_loss_finetuned"] < summary["specific_test_loss"] - 0.05, summary
+    assert summary["specific_test_loss_finetuned"] < longer["specific_test_loss"] - 0.05, (summary, longer)
+    finetuned = [r for r in log if r["phase"] == "finetune"]
+    best = min(finetuned, key=lambda r: r["specific_valid_loss"])
+    assert summary["specific_test_loss_finetuned"] == best["specific_test_loss"]
