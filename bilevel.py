@@ -118,7 +118,8 @@ def dds_step(model, weighter, x_generic, x_specific, rho, w=None):
 # SOBA: stochastic bilevel algorithm (section 4.3.2; Dagréou et al. 2022)
 
 def soba_step(model, weighter, x_generic, x_specific, v):
-    """Sets α.grad to d_α, returns (d_v, g) with g the uniform generic gradient on x_generic.
+    """Sets α.grad to d_α, returns (d_v, g, ℓ) with g the uniform generic gradient on x_generic and
+    ℓ its (b,) per-example losses.
 
     With θ*(α) replaced by the current θ (as SOBA does) and v ≈ −[∇²_θθ L_generic]⁻¹ ∇L_specific:
         d_v = Σ_{x∈B_generic} w(x; α) ∇²_θ ℓ(x; θ) v + ∇_θ L_specific(θ)     (Hessian-vector product)

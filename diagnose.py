@@ -9,6 +9,7 @@ does it select, how much faster did a run reach a target loss (Figure 1), and Ta
     python diagnose.py select --run=out --input=CORPUS --output=sel.jsonl --fraction=0.1
     python diagnose.py compare --runs=out/base,out/soba             # time to a target loss, speedups
     python diagnose.py table --generic=DIR --specific=FILE --preset=cpu --seeds=0,1 --out_dir=runs/t2
+    python diagnose.py bench --preset=cpu                           # ms/step and memory of every method
 
 Options are `--key=value` as in train.py; `sar` and `table` also take any train.py setting (the
 model, the data, the preset), which they hand to train.py's own machinery. Bad input gives a one-line
@@ -24,6 +25,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import time
 import zlib
 from collections import Counter
 
@@ -795,8 +797,104 @@ def cmd_table(argv):
 
 
 # -----------------------------------------------------------------------------------------------
+# bench: the cost of one training step of every method, side by side in one process
 
-COMMANDS = {"sar": cmd_sar, "weights": cmd_weights, "select": cmd_select, "compare": cmd_compare, "table": cmd_table}
+BENCH_OPTIONS = dict(methods="baseline,mixing,dds,soba,anograd,classifier,ltr,mwn,scalebio", steps=5, warmup=2,
+                     out_json="")
+
+
+def rss_mb(field):
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, MB (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith(field + ":")) / 1024
+
+
+def reset_peak(device):
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:                       # writing 5 to clear_refs resets VmHWM, the peak resident set size
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def peak_above(device, before):
+    """Memory the steps added on top of what was resident before them, MB."""
+    if device == "cuda":
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    return rss_mb("VmHWM") - before
+
+
+def time_steps(ctx, method, steps, warmup):
+    """ms per step of `method` (after `warmup` steps) and the memory its steps add, in one process."""
+    step = train.STEPS[method]
+    for i in range(warmup):
+        ctx.step = i
+        step(ctx, i)
+    sync = torch.cuda.synchronize if ctx.device == "cuda" else (lambda: None)
+    sync()
+    before = torch.cuda.memory_allocated() if ctx.device == "cuda" else rss_mb("VmRSS")
+    reset_peak(ctx.device)
+    t0 = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        ctx.step = i
+        step(ctx, i)
+    sync()
+    return (time.perf_counter() - t0) / steps * 1000, peak_above(ctx.device, before)
+
+
+def cmd_bench(argv):
+    opts, train_argv = parse_options(argv, BENCH_OPTIONS, "bench", train_keys=True)
+    methods = [m for m in opts["methods"].split(",") if m]
+    for m in methods:
+        if m not in train.STEPS:
+            raise DiagnoseError(f"--methods: unknown method {m!r}")
+    if "baseline" not in methods:
+        methods.insert(0, "baseline")
+    rows, res = [], {}
+    for m in methods:
+        cfg = train.parse_args(train_argv + [f"--method={m}", "--out_dir=/nonexistent"], train_defaults())
+        if m == "cds":
+            cfg["cds_pretrain_steps"] = 0
+        ctx = train.setup(cfg)
+        ms, mem = time_steps(ctx, m, opts["steps"], opts["warmup"])
+        res[m] = {"ms_per_step": ms, "step_memory_mb": mem,
+                  "trained_bytes_per_s": cfg["batch_size"] * cfg["seq_len"] / (ms / 1000),
+                  "scanned_bytes_per_s": (cfg["big_batch_size"] if m in train.SELECTING else cfg["batch_size"])
+                  * cfg["seq_len"] / (ms / 1000)}
+        if ctx.weighter is not None and hasattr(ctx.weighter, "embed"):
+            # the weighter's forward over B_generic^big (no graph), against one baseline step
+            x_B = ctx.generic.train.x[: cfg["big_batch_size"]].to(ctx.device)
+            score(ctx.weighter, x_B)
+            t0 = time.perf_counter()
+            for _ in range(opts["steps"]):
+                score(ctx.weighter, x_B)
+            res[m]["score_ms"] = (time.perf_counter() - t0) / opts["steps"] * 1000
+        del ctx
+    base = res["baseline"]
+    for m, r in res.items():
+        r["ratio"] = r["ms_per_step"] / base["ms_per_step"]
+        r["memory_ratio"] = r["step_memory_mb"] / max(base["step_memory_mb"], 1e-9)
+        r["score_fraction"] = r["score_ms"] / base["ms_per_step"] if "score_ms" in r else None
+        rows.append([m, f"{r['ms_per_step']:.1f}", f"{r['ratio']:.2f}x", fmt(r["score_fraction"], ".2f"),
+                     f"{r['step_memory_mb']:.1f}", f"{r['memory_ratio']:.2f}x", f"{r['trained_bytes_per_s'] / 1e3:.1f}",
+                     f"{r['scanned_bytes_per_s'] / 1e3:.1f}"])
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    header = ["method", "ms/step", "vs baseline", "scoring B / baseline step", "step memory MB", "memory vs baseline",
+              "trained kB/s", "scanned kB/s"]
+    text = (f"{dev}; {opts['steps']} timed steps after {opts['warmup']} warm-up steps per method, one process; "
+            f"step memory = peak {'CUDA allocation' if dev[:3] != 'CPU' else 'resident set'} above what was "
+            f"resident before the steps.\n\n" + markdown(header, rows))
+    print(text)
+    if opts["out_json"]:
+        train.atomic_write(opts["out_json"], lambda p: json.dump({"device": dev, "methods": res, "train_args": train_argv},
+                                                                 open(p, "w"), indent=1))
+    return 0
+
+
+# -----------------------------------------------------------------------------------------------
+
+COMMANDS = {"sar": cmd_sar, "weights": cmd_weights, "select": cmd_select, "compare": cmd_compare, "table": cmd_table,
+            "bench": cmd_bench}
 
 
 def main(argv):

@@ -700,12 +700,7 @@ def load_weighter(path, flag="--weighter_ckpt"):
     path: a run directory, its ckpt.pt, or a weighters/step_N.pt snapshot."""
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
-    if not os.path.isfile(path):
-        raise ConfigError(f"{flag}: no checkpoint at {path}")
-    try:
-        st = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(f"{flag}: {path} is not a readable checkpoint ({type(e).__name__})") from None
+    st = read_checkpoint(path, flag)
     sd, c = st.get("weighter"), st.get("config", {})
     if sd is None:
         raise ConfigError(f"{flag}: {path} has no weighting network (method {c.get('method')!r})")
@@ -829,14 +824,19 @@ def save_checkpoint(ctx, step):
     atomic_write(os.path.join(ctx.cfg["out_dir"], "ckpt.pt"), lambda p: torch.save(state_dict(ctx, step), p))
 
 
+def read_checkpoint(path, flag):
+    """torch.load(weights_only=True) of a checkpoint, or a one-line ConfigError naming the flag."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{flag}: no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"{flag}: {path} is not a readable checkpoint ({type(e).__name__})") from None
+
+
 def load_checkpoint(ctx):
     path = os.path.join(ctx.cfg["out_dir"], "ckpt.pt")
-    if not os.path.exists(path):
-        raise ConfigError(f"--resume: no checkpoint at {path}")
-    try:
-        st = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__})") from None
+    st = read_checkpoint(path, "--resume")
     diff = sorted(k for k in set(st["config"]) | set(ctx.cfg)
                   if k not in RESUMABLE and st["config"].get(k) != ctx.cfg.get(k))
     if diff:
@@ -970,11 +970,19 @@ def run(cfg):
     print(f"{cfg['method']} | θ: {ctx.model.num_params() / 1e6:.2f}M params | device {ctx.device} | "
           f"generic {len(ctx.generic.train)} train examples from {len(ctx.generic.sources)} sources | "
           f"specific {', '.join(str(len(s.train)) for s in ctx.specifics)} train examples")
+    # SIGINT / SIGTERM: finish the current step, write a checkpoint, exit (handlers restored after)
     stop = {"sig": None}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda s, f: stop.update(sig=s))
+    previous = {sig: signal.signal(sig, lambda s, f: stop.update(sig=s)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return train_loop(ctx, cfg, start, stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def train_loop(ctx, cfg, start, stop):
     total = cfg["max_steps"] + cfg["finetune_steps"]
-    ms_hist = []
+    ms_hist, ms_all = [], []    # pretraining step times (for ms_per_step), all step times (for the progress line)
     bar = tqdm(range(start, total), initial=start, total=total, desc=cfg["method"], dynamic_ncols=True, leave=False, disable=None)
     step = start
     for step in bar:
@@ -987,6 +995,7 @@ def run(cfg):
         dt = time.perf_counter() - t0
         ctx.train_time += dt
         ctx.seen += cfg["batch_size"]
+        ms_all.append(dt * 1000)
         if phase == "pretrain":
             ms_hist.append(dt * 1000)
         if idx is not None:
@@ -999,7 +1008,7 @@ def run(cfg):
         done = step + 1
         save_weighter_snapshot(ctx, done)     # α_t for `shuffled` replays (section 6.1)
         if done % cfg["eval_interval"] == 0 or done == cfg["max_steps"] or done == total:
-            finish_eval(ctx, done, "pretrain" if done <= cfg["max_steps"] else "finetune", ms_hist)
+            finish_eval(ctx, done, "pretrain" if done <= cfg["max_steps"] else "finetune", ms_all)
         if stop["sig"] is not None:
             save_checkpoint(ctx, done)
             bar.close()
@@ -1010,9 +1019,10 @@ def run(cfg):
     return ctx, 0
 
 
-def finish_eval(ctx, done, phase, ms_hist):
+def finish_eval(ctx, done, phase, ms_all):
     rec = log_eval(ctx, done, phase)
-    ms = sum(ms_hist[-ctx.cfg["eval_interval"]:]) / max(1, len(ms_hist[-ctx.cfg["eval_interval"]:]))
+    recent = ms_all[-ctx.cfg["eval_interval"]:]
+    ms = sum(recent) / max(1, len(recent))
     tqdm.write(progress_line(rec, ms, ctx))
     if done == ctx.cfg["max_steps"]:
         ctx.last_eval = {"pretrain": rec}
