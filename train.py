@@ -52,7 +52,7 @@ dropout = 0.0
 weighter_dim = 32
 weighter_kernel = 7
 # optimisation of θ: AdamW(0.9, 0.98, eps 1e-9), linear warm-up then lr·√(warmup/step) (reference)
-max_steps = 800         # pretraining steps
+max_steps = 600         # pretraining steps
 finetune_steps = 0      # then this many steps on the specific training set ("+ fine-tune" rows)
 batch_size = 32         # b: examples the main model trains on per step
 big_batch_size = 512    # |B_generic^big|: examples the weighter scores per step (paper: 128·b)
