@@ -76,12 +76,7 @@ def load_ckpt(path, flag="--ckpt"):
     """A train.py checkpoint (a ckpt.pt, or a run directory holding one) → its dict."""
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
-    if not os.path.isfile(path):
-        raise DiagnoseError(f"{flag}: no checkpoint at {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DiagnoseError(f"{flag}: {path} is not a readable checkpoint ({type(e).__name__})") from None
+    return train.read_checkpoint(path, flag)
 
 
 def read_log(run):
