@@ -325,8 +325,10 @@ def step_sparse(ctx, step):
         # outer step on R, a uniform b-subset of B (B is i.i.d. uniform, so its first b rows are),
         # with the current θ, before the filter (reference code's order)
         x_R, x_spec = x_B[: cfg["batch_size"]], specific_batch(ctx)
-        step_fn = bilevel.dds_step if cfg["method"] == "dds" else bilevel.anograd_step
-        out = step_fn(model, weighter, x_R, x_spec, cfg["rho"]) if cfg["method"] == "dds" else step_fn(model, weighter, x_R, x_spec)
+        if cfg["method"] == "dds":
+            out = bilevel.dds_step(model, weighter, x_R, x_spec, cfg["rho"])       # Eq. (3)
+        else:
+            out = bilevel.anograd_step(model, weighter, x_R, x_spec)               # section 4.3.3
         ctx.meta_opt.step()
         ctx.stats["outer_loss"] = out.item()
     s_B = score(weighter, x_B)                                             # (|B|,) s(x; α)
