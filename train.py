@@ -232,7 +232,7 @@ def evaluate(model, examples, ctx):
     """Mean nats per byte over a set: Σ nats / Σ non-pad bytes (bytes, not examples, weigh equally)."""
     model.eval()
     nats, nbytes = 0.0, 0.0
-    for i in range(0, len(examples), ctx.cfg["eval_batch_size"]):
+    for i in tqdm(range(0, len(examples), ctx.cfg["eval_batch_size"]), desc="eval", leave=False, disable=None):
         x = examples.x[i:i + ctx.cfg["eval_batch_size"]].to(ctx.device)
         with ctx.autocast():
             losses = model(x).float()                                  # (B,) nats per byte
