@@ -50,42 +50,24 @@ def assert_one_line_error(res, *needles, out_dir=None):
         assert not os.path.exists(out_dir) or os.listdir(out_dir) == [], os.listdir(out_dir)
 
 
-def test_missing_path(tmp_path, corpora):
+# each case: (file name, its bytes or None for "does not exist", what the error line must contain)
+BAD_GENERIC_FILES = [
+    ("nope.jsonl", None, ["nope.jsonl"]),                                                  # missing path
+    ("empty.jsonl", b"", ["empty.jsonl"]),                                                 # empty file
+    ("junk.txt", bytes(range(256)) * 64, ["junk.txt"]),   # binary garbage
+    ("bad.jsonl", (json.dumps({"text": "fine"}) + "\n{not json\n").encode(), ["bad.jsonl", "2"]),  # line 2 does not parse
+    ("notext.jsonl", (json.dumps({"body": "no text field"}) + "\n").encode(), ["notext.jsonl", "text"]),
+]
+
+
+@pytest.mark.parametrize("name,content,needles", BAD_GENERIC_FILES, ids=[c[0] for c in BAD_GENERIC_FILES])
+def test_bad_generic_file(tmp_path, corpora, name, content, needles):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
     out = tmp_path / "out"
-    res = run(["--generic=" + str(tmp_path / "nope.jsonl"), "--specific=" + corpora[1], f"--out_dir={out}", *TINY])
-    assert_one_line_error(res, "nope.jsonl", out_dir=out)
-
-
-def test_empty_file(tmp_path, corpora):
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
-    out = tmp_path / "out"
-    res = run([f"--generic={empty}", "--specific=" + corpora[1], f"--out_dir={out}", *TINY])
-    assert_one_line_error(res, "empty.jsonl", out_dir=out)
-
-
-def test_binary_garbage(tmp_path, corpora):
-    junk = tmp_path / "junk.txt"
-    junk.write_bytes(bytes(range(256)) * 64)
-    out = tmp_path / "out"
-    res = run([f"--generic={junk}", "--specific=" + corpora[1], f"--out_dir={out}", *TINY])
-    assert_one_line_error(res, "junk.txt", out_dir=out)
-
-
-def test_json_line_that_does_not_parse(tmp_path, corpora):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"text": "fine"}) + "\n{not json\n")
-    out = tmp_path / "out"
-    res = run([f"--generic={bad}", "--specific=" + corpora[1], f"--out_dir={out}", *TINY])
-    assert_one_line_error(res, "bad.jsonl", "2", out_dir=out)
-
-
-def test_record_without_text(tmp_path, corpora):
-    bad = tmp_path / "notext.jsonl"
-    bad.write_text(json.dumps({"body": "no text field"}) + "\n")
-    out = tmp_path / "out"
-    res = run([f"--generic={bad}", "--specific=" + corpora[1], f"--out_dir={out}", *TINY])
-    assert_one_line_error(res, "notext.jsonl", "text", out_dir=out)
+    res = run([f"--generic={path}", "--specific=" + corpora[1], f"--out_dir={out}", *TINY])
+    assert_one_line_error(res, *needles, out_dir=out)
 
 
 @pytest.mark.parametrize("flag,needle", [
