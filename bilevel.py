@@ -30,7 +30,7 @@ parameters), ρ (`rho`), η (`eta`), v, B_generic (`x_generic`), B_specific (`x_
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, jvp
+from torch.func import functional_call, grad, jvp
 from tqdm import tqdm
 
 from model import second_order
@@ -136,22 +136,45 @@ def soba_step(model, weighter, x_generic, x_specific, v):
                                            gradients.
     """
     theta = theta_of(model)
-    names, params = list(theta), list(theta.values())
-    b = x_generic.shape[0]
-    eps = torch.full((b,), 1.0 / b, device=x_generic.device, requires_grad=True,
-                     dtype=next(iter(theta.values())).dtype)                     # (b,) ε = 1/b
-    with second_order():
-        losses = model(x_generic)                                               # (b,) ℓ(x; θ)
-        g = torch.autograd.grad((eps * losses).sum(), params, create_graph=True)
-        g_dot_v = sum((gi * v[k]).sum() for gi, k in zip(g, names))            # ⟨g, v⟩
-        *Hv, c = torch.autograd.grad(g_dot_v, params + [eps])                   # H v, (b,) c = ⟨∇ℓ(x), v⟩
+    losses, g, Hv, c = soba_terms(model, x_generic, v)
     # ∇_θ L_specific(θ) on B_specific
     g_specific, _ = grad_at(model, theta, x_specific)
     # d_v = H v + ∇L_specific
-    d_v = {k: Hv[i] + g_specific[k] for i, k in enumerate(names)}
+    d_v = {k: Hv[k] + g_specific[k] for k in theta}
     # d_α = Σ_x ⟨∇ℓ(x; θ), v⟩ ∇_α w(x; α)
     backward_to_alpha(c, weighter.weights(x_generic))
-    return d_v, {k: gi.detach() for k, gi in zip(names, g)}, losses.detach()
+    return d_v, g, losses
+
+
+def soba_terms(model, x, v):
+    """(ℓ, g, H v, c) on a batch x of b examples, by reverse over reverse (see soba_step):
+    ℓ (b,) the losses, g = ∇_θ mean ℓ, H v = ∇²_θ (mean ℓ) v, c (b,) = ⟨∇_θ ℓ(x; θ), v⟩."""
+    theta = theta_of(model)
+    names, params = list(theta), list(theta.values())
+    b = x.shape[0]
+    eps = torch.full((b,), 1.0 / b, device=x.device, requires_grad=True, dtype=params[0].dtype)  # (b,) ε = 1/b
+    with second_order():
+        losses = model(x)                                                       # (b,) ℓ(x; θ)
+        g = torch.autograd.grad((eps * losses).sum(), params, create_graph=True)   # g = ∇_θ Σ ε ℓ
+        g_dot_v = sum((gi * v[k]).sum() for gi, k in zip(g, names))            # ⟨g, v⟩
+        *Hv, c = torch.autograd.grad(g_dot_v, params + [eps])                   # H v, (b,) c = ⟨∇ℓ(x), v⟩
+    return losses.detach(), {k: gi.detach() for k, gi in zip(names, g)}, dict(zip(names, Hv)), c
+
+
+def soba_terms_forward_over_reverse(model, x, v):
+    """The same (ℓ, g, H v, c) by forward over reverse, as the reference code computes H v: one
+    Jacobian–vector product, in the direction v, of θ ↦ (∇_θ mean ℓ(x; θ), ℓ(x; θ)):
+        tangent of ∇_θ mean ℓ = H v,     tangent of ℓ(x; θ) = ⟨∇_θ ℓ(x; θ), v⟩ = c.
+    `diagnose.py bench` times both ways; on our CPU the reverse-over-reverse pass is the faster."""
+    primal = {k: t.detach() for k, t in theta_of(model).items()}
+    tangent = {k: v[k].detach().to(t.dtype) for k, t in primal.items()}
+
+    def mean_loss(theta):
+        losses = loss_at(model, theta, x)                                       # (b,)
+        return losses.mean(), losses
+    with second_order():
+        (g, losses), (Hv, c) = jvp(grad(mean_loss, has_aux=True), (primal,), (tangent,))
+    return losses.detach(), {k: t.detach() for k, t in g.items()}, Hv, c
 
 
 # ----------------------------------------------------------------------------------------------

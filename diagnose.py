@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -691,7 +692,7 @@ def cmd_compare(argv):
 # -----------------------------------------------------------------------------------------------
 # table: every method of Table 2, over seeds, pre-train and fine-tune specific test loss
 
-TABLE_OPTIONS = dict(out_dir="", seeds="0,1", methods="", assemble_only=False)
+TABLE_OPTIONS = dict(out_dir="", seeds="0,1", methods="", assemble_only=False, jobs=1)
 # paper, Table 2 (Reuters, specific test log-perplexity in nats/byte): method → (name, pre-train, fine-tune)
 TABLE2 = {"baseline": ("Baseline", 1.198, 0.864), "mixing": ("Mixing", 0.861, 0.847),
           "cds": ("CDS", 1.067, 0.867), "classifier": ("Domain classif.", 1.098, 0.894),
@@ -700,14 +701,46 @@ TABLE2 = {"baseline": ("Baseline", 1.198, 0.864), "mixing": ("Mixing", 0.861, 0.
           "soba": ("Sparse SOBA", 1.019, 0.820)}
 
 
-def run_one(method, seed, run_dir, train_argv):
-    """One train.py subprocess (its output goes to the terminal); continues an interrupted run."""
+def train_cmd(method, seed, run_dir, train_argv):
+    """The train.py command line of one run; continues an interrupted run."""
     cmd = [sys.executable, os.path.join(HERE, "train.py")] + train_argv + [
         f"--method={method}", f"--seed={seed}", f"--out_dir={run_dir}"]
     if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
         cmd.append("--resume=True")
-    print(" ".join(cmd[1:]), flush=True)
-    return subprocess.run(cmd).returncode
+    return cmd
+
+
+def run_all(todo, train_argv, jobs):
+    """Run (method, seed, run_dir) triples as train.py subprocesses, `jobs` at a time → {(m, s): status}.
+
+    One job: its output goes to the terminal. Several: each run writes RUN_DIR/train.out and gets
+    cores // jobs threads (two PyTorch processes that each use every core run ~10x slower on a
+    2-core machine than two single-threaded ones); a line is printed when one starts or ends.
+    Ctrl-C (or SIGINT) reaches the running train.py processes, which checkpoint and exit; no new
+    run starts, and rerunning the command continues where they stopped."""
+    env = None if jobs == 1 else dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // jobs)))
+    status, running, queue, t0 = {}, {}, list(todo), time.time()
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                m, s, run_dir = queue.pop(0)
+                os.makedirs(run_dir, exist_ok=True)
+                cmd = train_cmd(m, s, run_dir, train_argv)
+                out = None if jobs == 1 else open(os.path.join(run_dir, "train.out"), "a")
+                running[m, s] = (subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env=env), out)
+                print(f"[{time.time() - t0:6.0f}s] start {m} seed {s}: " + " ".join(cmd[1:]), flush=True)
+            time.sleep(0.2)
+            for key, (proc, out) in list(running.items()):
+                if proc.poll() is not None:
+                    status[key] = proc.returncode
+                    del running[key]
+                    out and out.close()
+                    print(f"[{time.time() - t0:6.0f}s] end   {key[0]} seed {key[1]}: status {proc.returncode}", flush=True)
+    except KeyboardInterrupt:
+        for key, (proc, out) in running.items():
+            proc.send_signal(signal.SIGINT)          # a second SIGINT only sets train.py's stop flag again
+            status[key] = proc.wait()
+    return status
 
 
 def mean_std(values):
@@ -758,25 +791,31 @@ def cmd_table(argv):
         seeds = [int(s) for s in opts["seeds"].split(",") if s]
     except ValueError:
         raise DiagnoseError(f"--seeds: expected comma-separated integers, got {opts['seeds']!r}") from None
-    notes = []
+    notes, status = [], {}
     if not opts["assemble_only"]:
         train.parse_args(train_argv + ["--method=baseline"], train_defaults())   # bad settings fail now, not per run
-        todo = [(m, s) for m in methods for s in seeds]
-        for n, (m, s) in enumerate(todo, 1):
-            run_dir = os.path.join(opts["out_dir"], f"{m}_s{s}")
+        if opts["jobs"] < 1:
+            raise DiagnoseError(f"--jobs: must be at least 1, got {opts['jobs']}")
+        todo = []
+        for m in methods:
             if m not in train.METHODS:
-                notes.append(f"{m}: not a train.py method yet (train.METHODS = {', '.join(train.METHODS)}); skipped")
+                notes.append(f"{m}: not a train.py method (train.METHODS = {', '.join(train.METHODS)}); skipped")
                 continue
-            if os.path.exists(os.path.join(run_dir, "summary.json")):
-                print(f"[{n}/{len(todo)}] {m} seed {s}: {run_dir}/summary.json exists, kept", flush=True)
-                continue
-            print(f"[{n}/{len(todo)}] {m} seed {s}", flush=True)
-            rc = run_one(m, s, run_dir, train_argv)
+            for s in seeds:
+                run_dir = os.path.join(opts["out_dir"], f"{m}_s{s}")
+                if os.path.exists(os.path.join(run_dir, "summary.json")):
+                    print(f"{m} seed {s}: {run_dir}/summary.json exists, kept", flush=True)
+                else:
+                    todo.append((m, s, run_dir))
+        t0 = time.time()
+        status = run_all(todo, train_argv, opts["jobs"])
+        for (m, s), rc in status.items():
             if rc in (130, 143):     # stopped by a signal: train.py checkpointed, a rerun continues it
                 notes.append(f"interrupted during {m} seed {s}; rerun the same command to continue")
-                break
-            if rc != 0:
+            elif rc != 0:
                 notes.append(f"{m} seed {s}: train.py exited with status {rc}")
+        if todo:
+            notes.append(f"{len(status)} runs took {(time.time() - t0) / 60:.1f} min of wall time ({opts['jobs']} at a time)")
     rows, res = assemble(opts["out_dir"], methods)
     header = ["Method", "Pre-train", "Fine-tune", "ms/step", "seeds", "paper Pre-train", "paper Fine-tune"]
     text = ("Specific test loss (nats/byte), mean ± std over seeds; paper: Table 2 (C4 → Reuters, 9.5M-parameter "
@@ -788,7 +827,7 @@ def cmd_table(argv):
     train.atomic_write(os.path.join(opts["out_dir"], "table.json"),
                        lambda p: json.dump({"methods": res, "notes": notes, "train_args": train_argv},
                                            open(p, "w"), indent=1))
-    return 0
+    return 1 if any(rc != 0 for rc in status.values()) else 0     # the table still shows the finished runs
 
 
 # -----------------------------------------------------------------------------------------------
@@ -798,43 +837,72 @@ BENCH_OPTIONS = dict(methods="baseline,mixing,dds,soba,anograd,classifier,ltr,mw
                      out_json="")
 
 
-def rss_mb(field):
-    """VmRSS (now) or VmHWM (peak since the last reset) of this process, MB (Linux)."""
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith(field + ":")) / 1024
+def cpu_peak_mb(fn):
+    """Peak CPU tensor memory allocated while fn() runs, above what was allocated before, MB.
+
+    Read from the profiler's allocation events ("Total Allocated", counted from the start of
+    profiling): the CPU analogue of torch.cuda.max_memory_allocated. The resident set size cannot
+    serve: the C allocator keeps freed memory resident, so it reflects earlier steps and methods."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        events = json.load(open(path))["traceEvents"]
+    return max([0] + [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]) / 2**20
 
 
-def reset_peak(device):
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:                       # writing 5 to clear_refs resets VmHWM, the peak resident set size
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+def step_peak_mb(ctx, method, first):
+    """Peak memory of `outer_every` consecutive steps from step `first` (a multiple of outer_every,
+    so the outer update is among them), above what was allocated before them, MB."""
+    step, k = train.STEPS[method], ctx.cfg["outer_every"]
 
-
-def peak_above(device, before):
-    """Memory the steps added on top of what was resident before them, MB."""
-    if device == "cuda":
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
-    return rss_mb("VmHWM") - before
+    def steps():
+        for i in range(first, first + k):
+            ctx.step = i
+            step(ctx, i)
+    if ctx.device != "cuda":
+        return cpu_peak_mb(steps)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    steps()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 def time_steps(ctx, method, steps, warmup):
-    """ms per step of `method` (after `warmup` steps) and the memory its steps add, in one process."""
+    """ms per step of `method`, averaged over `steps` steps after `warmup` steps, in one process."""
     step = train.STEPS[method]
     for i in range(warmup):
         ctx.step = i
         step(ctx, i)
     sync = torch.cuda.synchronize if ctx.device == "cuda" else (lambda: None)
     sync()
-    before = torch.cuda.memory_allocated() if ctx.device == "cuda" else rss_mb("VmRSS")
-    reset_peak(ctx.device)
     t0 = time.perf_counter()
     for i in range(warmup, warmup + steps):
         ctx.step = i
         step(ctx, i)
     sync()
-    return (time.perf_counter() - t0) / steps * 1000, peak_above(ctx.device, before)
+    return (time.perf_counter() - t0) / steps * 1000
+
+
+def hvp_timings(ctx, steps):
+    """ms of SOBA's (ℓ, g, H v, c) on b generic examples, both ways (bilevel.soba_terms*)."""
+    x = ctx.generic.train.x[: ctx.cfg["batch_size"]].to(ctx.device)
+    sync = torch.cuda.synchronize if ctx.device == "cuda" else (lambda: None)
+    out = {}
+    for name, terms in (("reverse_over_reverse", bilevel.soba_terms),
+                        ("forward_over_reverse", bilevel.soba_terms_forward_over_reverse)):
+        terms(ctx.model, x, ctx.v)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            terms(ctx.model, x, ctx.v)
+        sync()
+        out[name] = (time.perf_counter() - t0) / steps * 1000
+    return out
 
 
 def cmd_bench(argv):
@@ -851,7 +919,9 @@ def cmd_bench(argv):
         if m == "cds":
             cfg["cds_pretrain_steps"] = 0
         ctx = train.setup(cfg)
-        ms, mem = time_steps(ctx, m, opts["steps"], opts["warmup"])
+        k = cfg["outer_every"]        # time whole cycles of k steps (one outer update each)
+        ms = time_steps(ctx, m, k * math.ceil(opts["steps"] / k), k * math.ceil(opts["warmup"] / k))
+        mem = step_peak_mb(ctx, m, k * math.ceil((opts["warmup"] + opts["steps"]) / k) + k)
         res[m] = {"ms_per_step": ms, "step_memory_mb": mem,
                   "trained_bytes_per_s": cfg["batch_size"] * cfg["seq_len"] / (ms / 1000),
                   "scanned_bytes_per_s": (cfg["big_batch_size"] if m in train.SELECTING else cfg["batch_size"])
@@ -864,6 +934,8 @@ def cmd_bench(argv):
             for _ in range(opts["steps"]):
                 score(ctx.weighter, x_B)
             res[m]["score_ms"] = (time.perf_counter() - t0) / opts["steps"] * 1000
+        if m == "soba":
+            hvp = hvp_timings(ctx, opts["steps"])
         del ctx
     base = res["baseline"]
     for m, r in res.items():
@@ -876,12 +948,16 @@ def cmd_bench(argv):
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     header = ["method", "ms/step", "vs baseline", "scoring B / baseline step", "step memory MB", "memory vs baseline",
               "trained kB/s", "scanned kB/s"]
-    text = (f"{dev}; {opts['steps']} timed steps after {opts['warmup']} warm-up steps per method, one process; "
-            f"step memory = peak {'CUDA allocation' if dev[:3] != 'CPU' else 'resident set'} above what was "
-            f"resident before the steps.\n\n" + markdown(header, rows))
+    text = (f"{dev}; {opts['steps']} timed steps (whole cycles of outer_every steps) after {opts['warmup']} warm-up "
+            f"steps per method, one process; step memory = peak tensor memory allocated during one cycle "
+            f"(with its outer update), above what was allocated before it.\n\n" + markdown(header, rows))
+    if "soba" in methods:
+        text += ("\n\nSOBA's pass on b examples (ℓ, g, H v, c), bilevel.soba_terms: reverse over reverse "
+                 f"{hvp['reverse_over_reverse']:.1f} ms, forward over reverse {hvp['forward_over_reverse']:.1f} ms.")
     print(text)
     if opts["out_json"]:
-        train.atomic_write(opts["out_json"], lambda p: json.dump({"device": dev, "methods": res, "train_args": train_argv},
+        train.atomic_write(opts["out_json"], lambda p: json.dump({"device": dev, "methods": res, "train_args": train_argv,
+                                                                  "soba_terms_ms": hvp if "soba" in methods else None},
                                                                  open(p, "w"), indent=1))
     return 0
 

@@ -206,6 +206,23 @@ def test_soba_alpha_direction_and_gradient_match_brute_force(setup):
     torch.testing.assert_close(losses, model(xg).detach(), rtol=1e-12, atol=1e-12)
 
 
+def test_soba_terms_forward_over_reverse_agree_with_brute_force(setup):
+    """Both ways of computing (ℓ, g, H v, c) — reverse over reverse (soba_step's) and forward over
+    reverse (the reference code's, timed by `diagnose.py bench`) — against brute force."""
+    model, _, xg, _ = setup
+    v = random_v(model)
+    c_ref = per_example_grads(model, xg) @ flat(v.values())                    # (b,) ⟨∇ℓ(x), v⟩
+    for terms in (bilevel.soba_terms, bilevel.soba_terms_forward_over_reverse):
+        losses, g, hv, c = terms(model, xg, v)
+        torch.testing.assert_close(c, c_ref, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(flat(g.values()), mean_grad(model, xg), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(losses, model(xg).detach(), rtol=1e-12, atol=1e-12)
+        if terms is bilevel.soba_terms:
+            hv_rr = flat(hv.values())
+        else:
+            torch.testing.assert_close(flat(hv.values()), hv_rr, rtol=1e-9, atol=1e-12)
+
+
 # A bilevel problem with a closed form. Rows of a "batch" are [features (d), target y, ridge λ_row,
 # index i]; the model's per-example loss is ℓ_i(θ) = (x_iᵀθ − y_i)² + λ_row ‖θ‖² (λ_row = λ for the
 # training points, 0 for the validation points), and the "weighter" has one free logit per

@@ -321,6 +321,44 @@ def test_table_runs_train_py_once_per_method_and_seed(corpora, tmp_path, capsys)
     assert "exists, kept" in capsys.readouterr().out
 
 
+def test_table_jobs_run_in_parallel_like_one_at_a_time(corpora, tmp_path, capsys):
+    gen, spec = corpora
+    common = ["--seeds=0,1", "--max_steps=3", f"--generic={gen}", f"--specific={spec}"] + TINY
+    assert diagnose.main(["table", f"--out_dir={tmp_path / 'one'}", "--methods=baseline"] + common) == 0
+    assert diagnose.main(["table", f"--out_dir={tmp_path / 'two'}", "--methods=baseline", "--jobs=2"] + common) == 0
+    one = json.loads((tmp_path / "one" / "table.json").read_text())["methods"]["baseline"]["pretrain_values"]
+    two = json.loads((tmp_path / "two" / "table.json").read_text())["methods"]["baseline"]["pretrain_values"]
+    assert len(two) == 2 and two == pytest.approx(one, rel=1e-4)      # same runs, whatever the thread count
+    assert "step      3" in (tmp_path / "two" / "baseline_s1" / "train.out").read_text()
+    assert "end   baseline seed 1: status 0" in capsys.readouterr().out
+    assert diagnose.main(["table", f"--out_dir={tmp_path / 'two'}", "--jobs=0"]) == 2
+
+
+# bench
+
+def test_cpu_peak_memory_counts_live_tensors():
+    def fn():
+        a = torch.ones(1024, 1024)              # 4 MiB
+        b = torch.ones(2048, 1024)              # 8 MiB while a is alive: peak 12 MiB
+        del a, b
+        c = torch.ones(512, 1024)               # 2 MiB after both are freed: the peak stays 12
+        return c.sum()
+    assert diagnose.cpu_peak_mb(fn) == pytest.approx(12.0, abs=0.1)
+
+
+def test_bench_times_whole_outer_cycles(corpora, tmp_path, capsys):
+    gen, spec = corpora
+    out = tmp_path / "bench.json"
+    assert diagnose.main(["bench", "--methods=soba", "--steps=2", "--warmup=1", "--outer_every=2",
+                          f"--generic={gen}", f"--specific={spec}", f"--out_json={out}"] + TINY) == 0
+    res = json.loads(out.read_text())["methods"]
+    assert set(res) == {"baseline", "soba"}
+    assert res["soba"]["ratio"] == pytest.approx(res["soba"]["ms_per_step"] / res["baseline"]["ms_per_step"])
+    assert res["soba"]["step_memory_mb"] > 0 and 0 < res["soba"]["score_fraction"]
+    assert set(json.loads(out.read_text())["soba_terms_ms"]) == {"reverse_over_reverse", "forward_over_reverse"}
+    assert "| soba |" in capsys.readouterr().out
+
+
 def test_cli_errors(capsys):
     assert diagnose.main(["nope"]) == 2
     assert diagnose.main(["compare", "--bogus=1"]) == 2
