@@ -117,9 +117,10 @@ def dds_step(model, weighter, x_generic, x_specific, rho, w=None):
 # ----------------------------------------------------------------------------------------------
 # SOBA: stochastic bilevel algorithm (section 4.3.2; Dagréou et al. 2022)
 
-def soba_step(model, weighter, x_generic, x_specific, v):
+def soba_step(model, weighter, x_generic, x_specific, v, chunks=1):
     """Sets α.grad to d_α, returns (d_v, g, ℓ) with g the uniform generic gradient on x_generic and
-    ℓ its (b,) per-example losses.
+    ℓ its (b,) per-example losses. `chunks` > 1 computes the same numbers in micro-batches, with
+    less memory (see soba_terms).
 
     With θ*(α) replaced by the current θ (as SOBA does) and v ≈ −[∇²_θθ L_generic]⁻¹ ∇L_specific:
         d_v = Σ_{x∈B_generic} w(x; α) ∇²_θ ℓ(x; θ) v + ∇_θ L_specific(θ)     (Hessian-vector product)
@@ -136,7 +137,7 @@ def soba_step(model, weighter, x_generic, x_specific, v):
                                            gradients.
     """
     theta = theta_of(model)
-    losses, g, Hv, c = soba_terms(model, x_generic, v)
+    losses, g, Hv, c = soba_terms(model, x_generic, v, chunks)
     # ∇_θ L_specific(θ) on B_specific
     g_specific, _ = grad_at(model, theta, x_specific)
     # d_v = H v + ∇L_specific
@@ -146,9 +147,22 @@ def soba_step(model, weighter, x_generic, x_specific, v):
     return d_v, g, losses
 
 
-def soba_terms(model, x, v):
+def soba_terms(model, x, v, chunks=1):
     """(ℓ, g, H v, c) on a batch x of b examples, by reverse over reverse (see soba_step):
-    ℓ (b,) the losses, g = ∇_θ mean ℓ, H v = ∇²_θ (mean ℓ) v, c (b,) = ⟨∇_θ ℓ(x; θ), v⟩."""
+    ℓ (b,) the losses, g = ∇_θ mean ℓ, H v = ∇²_θ (mean ℓ) v, c (b,) = ⟨∇_θ ℓ(x; θ), v⟩.
+
+    The create_graph backward keeps the graph of the backward pass alive until the double backward
+    (with the (b, heads, T, T) attention matrices of the math path): the step's peak memory. With
+    `chunks` > 1 the batch is split into micro-batches x_1, …, x_m, each done on its own, and
+        g = Σ_j (|x_j| / b) g_j,   H v = Σ_j (|x_j| / b) H_j v,   ℓ and c concatenated,
+    the same numbers with one micro-batch's graph alive at a time."""
+    if chunks > 1:
+        parts = [(len(xj) / len(x), soba_terms(model, xj, v)) for xj in x.chunk(chunks)]
+        losses = torch.cat([p[0] for _, p in parts])                                # (b,)
+        g = {k: sum(share * p[1][k] for share, p in parts) for k in v}
+        Hv = {k: sum(share * p[2][k] for share, p in parts) for k in v}
+        c = torch.cat([p[3] for _, p in parts])                                     # (b,)
+        return losses, g, Hv, c
     theta = theta_of(model)
     names, params = list(theta), list(theta.values())
     b = x.shape[0]

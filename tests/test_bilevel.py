@@ -223,6 +223,19 @@ def test_soba_terms_forward_over_reverse_agree_with_brute_force(setup):
             torch.testing.assert_close(flat(hv.values()), hv_rr, rtol=1e-9, atol=1e-12)
 
 
+def test_soba_step_in_micro_batches_gives_the_same_numbers(setup):
+    model, weighter, xg, xs = setup
+    v = random_v(model)
+    d_v, g, losses = bilevel.soba_step(model, weighter, xg, xs, v)
+    d_alpha = alpha_grad(weighter)
+    weighter.zero_grad()
+    d_v4, g4, losses4 = bilevel.soba_step(model, weighter, xg, xs, v, chunks=4)   # micro-batches of 2, 2, 2
+    for a, b in ((d_v, d_v4), (g, g4)):
+        torch.testing.assert_close(flat(b.values()), flat(a.values()), rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(losses4, losses, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(alpha_grad(weighter), d_alpha, rtol=1e-10, atol=1e-13)
+
+
 # A bilevel problem with a closed form. Rows of a "batch" are [features (d), target y, ridge λ_row,
 # index i]; the model's per-example loss is ℓ_i(θ) = (x_iᵀθ − y_i)² + λ_row ‖θ‖² (λ_row = λ for the
 # training points, 0 for the validation points), and the "weighter" has one free logit per

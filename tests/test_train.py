@@ -11,12 +11,14 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from conftest import ROOT
 
+import data
 import train
 
 # ----------------------------------------------------------------------------------------------
@@ -199,3 +201,37 @@ def test_finetune_lowers_specific_test_loss(tmp_path):
     finetuned = [r for r in log if r["phase"] == "finetune"]
     best = min(finetuned, key=lambda r: r["specific_valid_loss"])
     assert summary["specific_test_loss_finetuned"] == best["specific_test_loss"]
+
+
+# ----------------------------------------------------------------------------------------------
+# several specific sets (the paper's Appendix B)
+
+def test_each_outer_batch_comes_from_one_specific_set_chosen_uniformly():
+    sets = [SimpleNamespace(train=SimpleNamespace(x=torch.full((50, 4), v, dtype=torch.uint8))) for v in (1, 2, 3)]
+    ctx = SimpleNamespace(specifics=sets, specific_samplers=[data.Sampler(50, i) for i in range(3)],
+                          cfg={"specific_batch_size": 5}, gen=torch.Generator().manual_seed(0), device="cpu")
+    firsts = []
+    for _ in range(600):
+        batch = train.specific_batch(ctx)
+        assert batch.shape == (5, 4) and len(batch.unique()) == 1          # one set per batch
+        firsts.append(int(batch[0, 0]))
+    counts = [firsts.count(v) for v in (1, 2, 3)]
+    assert all(150 < c < 250 for c in counts), counts                     # ~200 each (binomial sd ~11.5)
+
+
+def test_several_specific_sets_are_evaluated_each_and_averaged(tmp_path):
+    def write(name, docs):
+        with open(tmp_path / name, "w") as f:
+            f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+    write("generic.jsonl", [f"generic document number {i} " * 4 for i in range(200)])
+    write("news.jsonl", [f"NEWS ITEM {i}: markets rose today " * 3 for i in range(60)])
+    write("code.jsonl", [f"def f{i}(x):\n    return x + {i}\n" * 3 for i in range(60)])
+    summary, log = run_main(tmp_path / "run", f"--generic={tmp_path / 'generic.jsonl'}",
+                            f"--specific={tmp_path / 'news.jsonl'};{tmp_path / 'code.jsonl'}", "--method=soba",
+                            "--max_steps=4", "--eval_interval=2", "--batch_size=4", "--big_batch_size=16",
+                            "--specific_batch_size=4", "--seq_len=32", "--n_layer=1", "--n_embd=16", "--n_hidden=32")
+    for split in ("valid", "test"):
+        per_set = [summary[f"specific_{split}_loss/{name}"] for name in ("news", "code")]
+        assert summary[f"specific_{split}_loss"] == pytest.approx(sum(per_set) / 2, rel=1e-6)
+        assert per_set[0] != per_set[1]
+    assert f"specific_test_loss/news" in log[-1]
