@@ -844,8 +844,15 @@ def cpu_peak_mb(fn):
     profiling): the CPU analogue of torch.cuda.max_memory_allocated. The resident set size cannot
     serve: the C allocator keeps freed memory resident, so it reflects earlier steps and methods."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+    saved = os.dup(2)                    # the profiler's C++ side logs to stderr: silence it meanwhile
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                fn()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
