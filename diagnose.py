@@ -595,8 +595,8 @@ def cmd_select(argv):
 
 
 def report_selection(opts, keep, per_source, n_docs):
-    """Top sources among the selected documents (read back from the output: k records), against
-    their share of the input."""
+    """Every input source's share of the selected documents (read back from the output: k records)
+    against its share of the input, the most enriched first (the top 20 and bottom 5 of many)."""
     chosen, n_sel = Counter(), len(keep)
     with (gzip.open if opts["output"].endswith(".gz") else open)(opts["output"], "rt", encoding="utf-8") as f:
         for line in f:
@@ -604,8 +604,13 @@ def report_selection(opts, keep, per_source, n_docs):
     how = "its first window" if opts["doc_score"] == "first" else "the mean over its windows"
     print(f"selected {n_sel} of {n_docs} documents (mode {opts['mode']}; a document's score = s(x; α) "
           f"of {how}) -> {opts['output']}")
-    rows = [[src, c, f"{c / max(n_sel, 1):.3f}", f"{per_source[src] / n_docs:.3f}",
-             f"{(c / max(n_sel, 1)) / (per_source[src] / n_docs):.2f}x"] for src, c in chosen.most_common(10)]
+    ratio = {src: (chosen[src] / max(n_sel, 1)) / (n / n_docs) for src, n in per_source.items()}
+    order = sorted(per_source, key=lambda src: (-ratio[src], src))      # every input source, the most enriched first
+    if len(order) > 30:
+        order = order[:20] + ["…"] + order[-5:]
+    rows = [[src, "", "", "", ""] if src == "…" else
+            [src, chosen[src], f"{chosen[src] / max(n_sel, 1):.3f}", f"{per_source[src] / n_docs:.3f}", f"{ratio[src]:.2f}x"]
+            for src in order]
     print(markdown(["source", "selected", "share of selected", "share of input", "ratio"], rows))
 
 

@@ -209,7 +209,7 @@ def read_out(path):
         return [json.loads(line) for line in f]
 
 
-def test_select_top_k_exact(scored_corpus, tmp_path, monkeypatch):
+def test_select_top_k_exact(scored_corpus, tmp_path, monkeypatch, capsys):
     run, inp, docs, s = scored_corpus
     biggest = []
     push = diagnose.TopK.push
@@ -226,6 +226,11 @@ def test_select_top_k_exact(scored_corpus, tmp_path, monkeypatch):
     # --fraction: k = ⌈fraction · N⌉ after a counting pass, same top set
     assert diagnose.main(["select", f"--run={run}", f"--input={inp}", f"--output={out}", "--fraction=0.2"]) == 0
     assert {r["text"] for r in read_out(out)} == {docs[i]["text"] for i in torch.topk(s, 9).indices.tolist()}
+    # the report lists every input source, even one with nothing selected, with share ÷ base rate
+    report = capsys.readouterr().out.split("selected 9 of 45 documents")[1]
+    for src in ("news", "code", "noise"):
+        n = sum(d["source"] == src for d in (docs[i] for i in torch.topk(s, 9).indices.tolist()))
+        assert f"| {src} | {n} | {n / 9:.3f} | 0.333 | {(n / 9) / (1 / 3):.2f}x |" in report
 
 
 def test_select_sample_and_mean_modes(scored_corpus, tmp_path):
