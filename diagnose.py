@@ -742,9 +742,12 @@ def run_all(todo, train_argv, jobs):
                     out and out.close()
                     print(f"[{time.time() - t0:6.0f}s] end   {key[0]} seed {key[1]}: status {proc.returncode}", flush=True)
     except KeyboardInterrupt:
-        for key, (proc, out) in running.items():
+        for proc, _ in running.values():
             proc.send_signal(signal.SIGINT)          # a second SIGINT only sets train.py's stop flag again
+        for key, (proc, out) in running.items():
             status[key] = proc.wait()
+            out and out.close()
+            print(f"[{time.time() - t0:6.0f}s] end   {key[0]} seed {key[1]}: status {proc.returncode} (stopped)", flush=True)
     return status
 
 

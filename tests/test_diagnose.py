@@ -5,7 +5,10 @@ import gzip
 import json
 import math
 import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -337,6 +340,28 @@ def test_table_jobs_run_in_parallel_like_one_at_a_time(corpora, tmp_path, capsys
     assert "step      3" in (tmp_path / "two" / "baseline_s1" / "train.out").read_text()
     assert "end   baseline seed 1: status 0" in capsys.readouterr().out
     assert diagnose.main(["table", f"--out_dir={tmp_path / 'two'}", "--jobs=0"]) == 2
+
+
+def test_table_ctrl_c_stops_every_job_with_a_checkpoint(corpora, tmp_path):
+    """SIGINT to `table --jobs=2` reaches both running train.py processes: each writes its checkpoint
+    and exits 130, no further run starts, and the table notes the interruption (exit status 1)."""
+    gen, spec = corpora
+    cmd = [sys.executable, os.path.join(os.path.dirname(diagnose.__file__), "diagnose.py"), "table",
+           f"--out_dir={tmp_path}", "--methods=baseline,mixing,cds", "--seeds=0", "--jobs=2", "--max_steps=1000000",
+           f"--generic={gen}", f"--specific={spec}"] + TINY
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    logs = [tmp_path / f"{m}_s0" / "log.jsonl" for m in ("baseline", "mixing")]
+    deadline = time.time() + 120
+    while not all(p.exists() and p.stat().st_size > 0 for p in logs) and time.time() < deadline:
+        time.sleep(0.2)                                       # both runs have evaluated at least once
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out
+    for m in ("baseline", "mixing"):
+        assert f"end   {m} seed 0: status 130" in out
+        assert (tmp_path / f"{m}_s0" / "ckpt.pt").exists() and not (tmp_path / f"{m}_s0" / "summary.json").exists()
+    assert not (tmp_path / "cds_s0").exists()                # never started
+    assert "interrupted during baseline seed 0; rerun the same command to continue" in (tmp_path / "table.md").read_text()
 
 
 # bench
