@@ -100,7 +100,7 @@ PRESETS = {
     "cpu": dict(n_layer=2, n_head=4, n_embd=64, n_hidden=256, seq_len=128, dropout=0.0,
                 weighter_dim=32, batch_size=32, big_batch_size=512, specific_batch_size=32,
                 max_steps=600, warmup=200, eval_interval=150, eval_examples=2000, outer_every=3,
-                soba_chunks=4),   # SOBA's second-order pass in 4 micro-batches: 0.3x the memory, and faster here
+                soba_chunks=4),   # SOBA's second-order pass in 4 micro-batches: 0.3x the memory, same speed
     # the paper's small model (Table 9), for the transfer study of section 6.4
     "small": dict(n_layer=4, n_head=4, n_embd=128, n_hidden=512, seq_len=256, dropout=0.1,
                   weighter_dim=128, batch_size=128, big_batch_size=16384, specific_batch_size=128,
