@@ -868,15 +868,30 @@ def cpu_peak_mb(fn):
     return max([0] + [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]) / 2**20
 
 
+def run_steps(ctx, method, first, n):
+    """Training steps first, …, first + n − 1 of `method` on ctx."""
+    for i in range(first, first + n):
+        ctx.step = i
+        train.STEPS[method](ctx, i)
+
+
+def ms_per_call(fn, n, device, warmup=1):
+    """Wall-clock ms of fn(), averaged over n calls after `warmup` untimed ones (CUDA synchronised)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / n * 1000
+
+
 def step_peak_mb(ctx, method, first):
     """Peak memory of `outer_every` consecutive steps from step `first` (a multiple of outer_every,
     so the outer update is among them), above what was allocated before them, MB."""
-    step, k = train.STEPS[method], ctx.cfg["outer_every"]
-
-    def steps():
-        for i in range(first, first + k):
-            ctx.step = i
-            step(ctx, i)
+    steps = lambda: run_steps(ctx, method, first, ctx.cfg["outer_every"])
     if ctx.device != "cuda":
         return cpu_peak_mb(steps)
     torch.cuda.synchronize()
@@ -889,35 +904,16 @@ def step_peak_mb(ctx, method, first):
 
 def time_steps(ctx, method, steps, warmup):
     """ms per step of `method`, averaged over `steps` steps after `warmup` steps, in one process."""
-    step = train.STEPS[method]
-    for i in range(warmup):
-        ctx.step = i
-        step(ctx, i)
-    sync = torch.cuda.synchronize if ctx.device == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    for i in range(warmup, warmup + steps):
-        ctx.step = i
-        step(ctx, i)
-    sync()
-    return (time.perf_counter() - t0) / steps * 1000
+    run_steps(ctx, method, 0, warmup)
+    return ms_per_call(lambda: run_steps(ctx, method, warmup, steps), 1, ctx.device, warmup=0) / steps
 
 
 def hvp_timings(ctx, steps):
     """ms of SOBA's (ℓ, g, H v, c) on b generic examples, both ways (bilevel.soba_terms*)."""
     x = ctx.generic.train.x[: ctx.cfg["batch_size"]].to(ctx.device)
-    sync = torch.cuda.synchronize if ctx.device == "cuda" else (lambda: None)
-    out = {}
-    for name, terms in (("reverse_over_reverse", bilevel.soba_terms),
-                        ("forward_over_reverse", bilevel.soba_terms_forward_over_reverse)):
-        terms(ctx.model, x, ctx.v)
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            terms(ctx.model, x, ctx.v)
-        sync()
-        out[name] = (time.perf_counter() - t0) / steps * 1000
-    return out
+    return {name: ms_per_call(lambda: terms(ctx.model, x, ctx.v), steps, ctx.device)
+            for name, terms in (("reverse_over_reverse", bilevel.soba_terms),
+                                ("forward_over_reverse", bilevel.soba_terms_forward_over_reverse))}
 
 
 def cmd_bench(argv):
@@ -944,11 +940,7 @@ def cmd_bench(argv):
         if ctx.weighter is not None and hasattr(ctx.weighter, "embed"):
             # the weighter's forward over B_generic^big (no graph), against one baseline step
             x_B = ctx.generic.train.x[: cfg["big_batch_size"]].to(ctx.device)
-            score(ctx.weighter, x_B)
-            t0 = time.perf_counter()
-            for _ in range(opts["steps"]):
-                score(ctx.weighter, x_B)
-            res[m]["score_ms"] = (time.perf_counter() - t0) / opts["steps"] * 1000
+            res[m]["score_ms"] = ms_per_call(lambda: score(ctx.weighter, x_B), opts["steps"], ctx.device)
         if m == "soba":
             hvp = hvp_timings(ctx, opts["steps"])
         del ctx

@@ -241,23 +241,23 @@ def test_soba_step_in_micro_batches_gives_the_same_numbers(setup):
 # training points, 0 for the validation points), and the "weighter" has one free logit per
 # training point, w(x_i; α) = softmax over the batch of α_i.
 
-class Ridge(nn.Module):
+class LinearParams(nn.Module):
+    """θ ∈ R^d, zeros at start (float64); subclasses define the per-example loss."""
+
     def __init__(self, d):
         super().__init__()
         self.theta = nn.Parameter(torch.zeros(d, dtype=torch.float64))
 
+
+class Ridge(LinearParams):
     def forward(self, batch):
         d = self.theta.shape[0]
         X, y, lam = batch[:, :d], batch[:, d], batch[:, d + 1]
         return (X @ self.theta - y) ** 2 + lam * (self.theta ** 2).sum()      # (b,) per-example
 
 
-class MeanEstimation(nn.Module):
+class MeanEstimation(LinearParams):
     """ℓ_i(θ) = ½‖θ − c_i‖²: every example has the Hessian I."""
-
-    def __init__(self, d):
-        super().__init__()
-        self.theta = nn.Parameter(torch.zeros(d, dtype=torch.float64))
 
     def forward(self, batch):
         d = self.theta.shape[0]
