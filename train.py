@@ -661,7 +661,8 @@ def step_mwn(ctx, step):
     cfg, b = ctx.cfg, ctx.cfg["batch_size"]
     idx_B, x_B = big_batch(ctx)                                                # (|B|,), (|B|, T)
     with ctx.autocast():
-        losses_B = bilevel.losses_of(ctx.model, x_B, cfg["eval_batch_size"], ctx.device).to(ctx.device)  # (|B|,)
+        # in chunks of b rows: the (chunk, T, 256) logits then take no more memory than the main step's
+        losses_B = bilevel.losses_of(ctx.model, x_B, b, ctx.device).to(ctx.device)   # (|B|,)
     if step % cfg["outer_every"] == 0:
         ctx.meta_opt.zero_grad(set_to_none=True)
         L = bilevel.mwn_step(ctx.model, ctx.weighter, x_B[:b], losses_B[:b], specific_batch(ctx), cfg["rho"])
