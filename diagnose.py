@@ -841,8 +841,8 @@ def cmd_table(argv):
 # -----------------------------------------------------------------------------------------------
 # bench: the cost of one training step of every method, side by side in one process
 
-BENCH_OPTIONS = dict(methods="baseline,mixing,dds,soba,anograd,classifier,ltr,mwn,scalebio", steps=5, warmup=2,
-                     out_json="")
+BENCH_OPTIONS = dict(methods="baseline,mixing,dds,soba,anograd,classifier,ltr,mwn,scalebio", steps=6, warmup=3,
+                     rounds=3, out_json="")
 
 
 def cpu_peak_mb(fn):
@@ -902,12 +902,6 @@ def step_peak_mb(ctx, method, first):
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def time_steps(ctx, method, steps, warmup):
-    """ms per step of `method`, averaged over `steps` steps after `warmup` steps, in one process."""
-    run_steps(ctx, method, 0, warmup)
-    return ms_per_call(lambda: run_steps(ctx, method, warmup, steps), 1, ctx.device, warmup=0) / steps
-
-
 def hvp_timings(ctx, steps):
     """ms of SOBA's (ℓ, g, H v, c) on b generic examples, both ways (bilevel.soba_terms*)."""
     x = ctx.generic.train.x[: ctx.cfg["batch_size"]].to(ctx.device)
@@ -922,28 +916,45 @@ def cmd_bench(argv):
     for m in methods:
         if m not in train.STEPS:
             raise DiagnoseError(f"--methods: unknown method {m!r}")
+    for key in ("steps", "rounds"):
+        if opts[key] < 1:
+            raise DiagnoseError(f"--{key}: expected a positive integer, got {opts[key]}")
     if "baseline" not in methods:
         methods.insert(0, "baseline")
-    rows, res = [], {}
-    for m in methods:
+    ctxs = {}
+    for m in methods:                 # every method's model, data and optimizer, side by side
         cfg = train.parse_args(train_argv + [f"--method={m}", "--out_dir=/nonexistent"], train_defaults())
         if m == "cds":
             cfg["cds_pretrain_steps"] = 0
-        ctx = train.setup(cfg)
-        k = cfg["outer_every"]        # time whole cycles of k steps (one outer update each)
-        ms = time_steps(ctx, m, k * math.ceil(opts["steps"] / k), k * math.ceil(opts["warmup"] / k))
-        mem = step_peak_mb(ctx, m, k * math.ceil((opts["warmup"] + opts["steps"]) / k) + k)
-        res[m] = {"ms_per_step": ms, "step_memory_mb": mem,
-                  "trained_bytes_per_s": cfg["batch_size"] * cfg["seq_len"] / (ms / 1000),
+        ctxs[m] = train.setup(cfg)
+    cfg = ctxs["baseline"].cfg
+    k = cfg["outer_every"]            # time whole cycles of k steps (one outer update each)
+    warm, n = k * math.ceil(opts["warmup"] / k), k * math.ceil(opts["steps"] / k)
+    for m in methods:
+        run_steps(ctxs[m], m, 0, warm)
+    # `rounds` rounds, each timing n steps of every method in turn: a slow spell of the machine hits
+    # one round of every method rather than all of one method; the median over rounds is reported
+    ms = {m: [] for m in methods}
+    score_ms = {m: [] for m in methods if getattr(ctxs[m].weighter, "forward_by_lookup", None)}
+    x_B = ctxs["baseline"].generic.train.x[: cfg["big_batch_size"]].to(ctxs["baseline"].device)
+    for r in range(opts["rounds"]):
+        for m in methods:
+            ctx = ctxs[m]
+            ms[m].append(ms_per_call(lambda: run_steps(ctx, m, warm + r * n, n), 1, ctx.device, warmup=0) / n)
+            if m in score_ms:         # the weighter's forward over B_generic^big (no graph)
+                score_ms[m].append(ms_per_call(lambda: score(ctx.weighter, x_B), n, ctx.device))
+    rows, res = [], {}
+    for m in methods:
+        ctx = ctxs[m]
+        mem = step_peak_mb(ctx, m, warm + opts["rounds"] * n)
+        res[m] = {"ms_per_step": float(np.median(ms[m])), "ms_per_step_rounds": ms[m], "step_memory_mb": mem,
+                  "trained_bytes_per_s": cfg["batch_size"] * cfg["seq_len"] / (np.median(ms[m]) / 1000),
                   "scanned_bytes_per_s": (cfg["big_batch_size"] if m in train.SELECTING else cfg["batch_size"])
-                  * cfg["seq_len"] / (ms / 1000)}
-        if ctx.weighter is not None and hasattr(ctx.weighter, "embed"):
-            # the weighter's forward over B_generic^big (no graph), against one baseline step
-            x_B = ctx.generic.train.x[: cfg["big_batch_size"]].to(ctx.device)
-            res[m]["score_ms"] = ms_per_call(lambda: score(ctx.weighter, x_B), opts["steps"], ctx.device)
+                  * cfg["seq_len"] / (np.median(ms[m]) / 1000)}
+        if m in score_ms:
+            res[m]["score_ms"] = float(np.median(score_ms[m]))
         if m == "soba":
-            hvp = hvp_timings(ctx, opts["steps"])
-        del ctx
+            hvp = hvp_timings(ctx, n)
     base = res["baseline"]
     for m, r in res.items():
         r["ratio"] = r["ms_per_step"] / base["ms_per_step"]
@@ -955,8 +966,9 @@ def cmd_bench(argv):
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     header = ["method", "ms/step", "vs baseline", "scoring B / baseline step", "step memory MB", "memory vs baseline",
               "trained kB/s", "scanned kB/s"]
-    text = (f"{dev}; {opts['steps']} timed steps (whole cycles of outer_every steps) after {opts['warmup']} warm-up "
-            f"steps per method, one process; step memory = peak tensor memory allocated during one cycle "
+    text = (f"{dev}, one process; per method the median over {opts['rounds']} rounds of {n} timed steps (whole cycles "
+            f"of outer_every steps, the methods in turn in each round) after {warm} warm-up steps; step memory = "
+            f"peak tensor memory allocated during one cycle "
             f"(with its outer update), above what was allocated before it.\n\n" + markdown(header, rows))
     if "soba" in methods:
         text += ("\n\nSOBA's pass on b examples (ℓ, g, H v, c), bilevel.soba_terms: reverse over reverse "

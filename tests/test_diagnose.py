@@ -379,14 +379,18 @@ def test_cpu_peak_memory_counts_live_tensors():
 def test_bench_times_whole_outer_cycles(corpora, tmp_path, capsys):
     gen, spec = corpora
     out = tmp_path / "bench.json"
-    assert diagnose.main(["bench", "--methods=soba", "--steps=2", "--warmup=1", "--outer_every=2",
+    assert diagnose.main(["bench", "--methods=soba", "--steps=2", "--warmup=1", "--outer_every=2", "--rounds=3",
                           f"--generic={gen}", f"--specific={spec}", f"--out_json={out}"] + TINY) == 0
     res = json.loads(out.read_text())["methods"]
     assert set(res) == {"baseline", "soba"}
+    for r in res.values():                   # the median of the 3 rounds
+        assert len(r["ms_per_step_rounds"]) == 3 and r["ms_per_step"] == sorted(r["ms_per_step_rounds"])[1]
     assert res["soba"]["ratio"] == pytest.approx(res["soba"]["ms_per_step"] / res["baseline"]["ms_per_step"])
     assert res["soba"]["step_memory_mb"] > 0 and 0 < res["soba"]["score_fraction"]
     assert set(json.loads(out.read_text())["soba_terms_ms"]) == {"reverse_over_reverse", "forward_over_reverse"}
     assert "| soba |" in capsys.readouterr().out
+    assert diagnose.main(["bench", "--rounds=0", f"--generic={gen}", f"--specific={spec}"] + TINY) == 2
+    assert "--rounds" in capsys.readouterr().err
 
 
 def test_cli_errors(capsys):
