@@ -902,12 +902,19 @@ def step_peak_mb(ctx, method, first):
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def hvp_timings(ctx, steps):
-    """ms of SOBA's (ℓ, g, H v, c) on b generic examples, both ways (bilevel.soba_terms*)."""
+def pass_timings(ctx, n):
+    """ms of the passes the outer updates are made of, on b generic examples x with the model of ctx:
+    a forward and backward (fused attention), c(x) = ⟨∇ℓ(x; θ), u⟩ by one JVP (DDS, Anograd, LTR;
+    bilevel.per_example_dot) and SOBA's (ℓ, g, H v, c) both ways (bilevel.soba_terms*), with u = v = ∇ℓ
+    of another batch."""
     x = ctx.generic.train.x[: ctx.cfg["batch_size"]].to(ctx.device)
-    return {name: ms_per_call(lambda: terms(ctx.model, x, ctx.v), steps, ctx.device)
-            for name, terms in (("reverse_over_reverse", bilevel.soba_terms),
-                                ("forward_over_reverse", bilevel.soba_terms_forward_over_reverse))}
+    theta = bilevel.theta_of(ctx.model)
+    u, _ = bilevel.grad_at(ctx.model, theta, ctx.generic.train.x[-len(x):].to(ctx.device))
+    passes = {"forward_backward": lambda: bilevel.grad_at(ctx.model, theta, x),
+              "per_example_dot_jvp": lambda: bilevel.per_example_dot(ctx.model, theta, x, u),
+              "soba_reverse_over_reverse": lambda: bilevel.soba_terms(ctx.model, x, u),
+              "soba_forward_over_reverse": lambda: bilevel.soba_terms_forward_over_reverse(ctx.model, x, u)}
+    return {name: ms_per_call(fn, n, ctx.device) for name, fn in passes.items()}
 
 
 def cmd_bench(argv):
@@ -953,8 +960,6 @@ def cmd_bench(argv):
                   * cfg["seq_len"] / (np.median(ms[m]) / 1000)}
         if m in score_ms:
             res[m]["score_ms"] = float(np.median(score_ms[m]))
-        if m == "soba":
-            hvp = hvp_timings(ctx, n)
     base = res["baseline"]
     for m, r in res.items():
         r["ratio"] = r["ms_per_step"] / base["ms_per_step"]
@@ -970,13 +975,15 @@ def cmd_bench(argv):
             f"of outer_every steps, the methods in turn in each round) after {warm} warm-up steps; step memory = "
             f"peak tensor memory allocated during one cycle "
             f"(with its outer update), above what was allocated before it.\n\n" + markdown(header, rows))
-    if "soba" in methods:
-        text += ("\n\nSOBA's pass on b examples (ℓ, g, H v, c), bilevel.soba_terms: reverse over reverse "
-                 f"{hvp['reverse_over_reverse']:.1f} ms, forward over reverse {hvp['forward_over_reverse']:.1f} ms.")
+    passes = pass_timings(ctxs["baseline"], n)
+    text += (f"\n\nPasses on b = {cfg['batch_size']} generic examples: forward and backward {passes['forward_backward']:.1f} ms; "
+             f"c(x) = ⟨∇ℓ(x; θ), u⟩ by one JVP (DDS, Anograd, LTR) {passes['per_example_dot_jvp']:.1f} ms; SOBA's "
+             f"(ℓ, g, H v, c) by reverse over reverse {passes['soba_reverse_over_reverse']:.1f} ms, by forward over "
+             f"reverse {passes['soba_forward_over_reverse']:.1f} ms.")
     print(text)
     if opts["out_json"]:
         train.atomic_write(opts["out_json"], lambda p: json.dump({"device": dev, "methods": res, "train_args": train_argv,
-                                                                  "soba_terms_ms": hvp if "soba" in methods else None},
+                                                                  "passes_ms": passes},
                                                                  open(p, "w"), indent=1))
     return 0
 

@@ -387,7 +387,8 @@ def test_bench_times_whole_outer_cycles(corpora, tmp_path, capsys):
         assert len(r["ms_per_step_rounds"]) == 3 and r["ms_per_step"] == sorted(r["ms_per_step_rounds"])[1]
     assert res["soba"]["ratio"] == pytest.approx(res["soba"]["ms_per_step"] / res["baseline"]["ms_per_step"])
     assert res["soba"]["step_memory_mb"] > 0 and 0 < res["soba"]["score_fraction"]
-    assert set(json.loads(out.read_text())["soba_terms_ms"]) == {"reverse_over_reverse", "forward_over_reverse"}
+    assert set(json.loads(out.read_text())["passes_ms"]) == {"forward_backward", "per_example_dot_jvp",
+                                                             "soba_reverse_over_reverse", "soba_forward_over_reverse"}
     assert "| soba |" in capsys.readouterr().out
     assert diagnose.main(["bench", "--rounds=0", f"--generic={gen}", f"--specific={spec}"] + TINY) == 2
     assert "--rounds" in capsys.readouterr().err
