@@ -950,6 +950,11 @@ def cmd_bench(argv):
             ms[m].append(ms_per_call(lambda: run_steps(ctx, m, warm + r * n, n), 1, ctx.device, warmup=0) / n)
             if m in score_ms:         # the weighter's forward over B_generic^big (no graph)
                 score_ms[m].append(ms_per_call(lambda: score(ctx.weighter, x_B), n, ctx.device))
+    scoring = {}
+    if score_ms:                      # scoring B by the convolution and by lookups, same weighter, same process
+        w = ctxs[next(iter(score_ms))].weighter
+        scoring = {"convolution": ms_per_call(lambda: score(w, x_B, by_lookup=False), n, ctxs["baseline"].device),
+                   "lookup": ms_per_call(lambda: score(w, x_B), n, ctxs["baseline"].device)}
     rows, res = [], {}
     for m in methods:
         ctx = ctxs[m]
@@ -980,10 +985,13 @@ def cmd_bench(argv):
              f"c(x) = ⟨∇ℓ(x; θ), u⟩ by one JVP (DDS, Anograd, LTR) {passes['per_example_dot_jvp']:.1f} ms; SOBA's "
              f"(ℓ, g, H v, c) by reverse over reverse {passes['soba_reverse_over_reverse']:.1f} ms, by forward over "
              f"reverse {passes['soba_forward_over_reverse']:.1f} ms.")
+    if scoring:
+        text += (f" Scoring B ({cfg['big_batch_size']} examples): by the weighter's convolution {scoring['convolution']:.1f} ms, "
+                 f"by table lookups (weighter.score) {scoring['lookup']:.1f} ms.")
     print(text)
     if opts["out_json"]:
         train.atomic_write(opts["out_json"], lambda p: json.dump({"device": dev, "methods": res, "train_args": train_argv,
-                                                                  "passes_ms": passes},
+                                                                  "passes_ms": passes, "scoring_ms": scoring},
                                                                  open(p, "w"), indent=1))
     return 0
 

@@ -100,9 +100,11 @@ class LossWeighter(nn.Module):
 
 
 @torch.no_grad()
-def score(weighter, x, chunk=4096):
-    """s(x; α) for a big batch, without a graph, in chunks that bound memory. x: (N, T) → (N,)"""
-    return torch.cat([weighter.forward_by_lookup(x[i:i + chunk]).float() for i in range(0, len(x), chunk)])
+def score(weighter, x, chunk=4096, by_lookup=True):
+    """s(x; α) for a big batch, without a graph, in chunks that bound memory. x: (N, T) → (N,)
+    by_lookup=False runs the convolution itself (`diagnose.py bench` times both)."""
+    f = weighter.forward_by_lookup if by_lookup else weighter
+    return torch.cat([f(x[i:i + chunk]).float() for i in range(0, len(x), chunk)])
 
 
 def filter_batch(s, b, how, generator=None):

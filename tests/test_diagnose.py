@@ -389,6 +389,7 @@ def test_bench_times_whole_outer_cycles(corpora, tmp_path, capsys):
     assert res["soba"]["step_memory_mb"] > 0 and 0 < res["soba"]["score_fraction"]
     assert set(json.loads(out.read_text())["passes_ms"]) == {"forward_backward", "per_example_dot_jvp",
                                                              "soba_reverse_over_reverse", "soba_forward_over_reverse"}
+    assert set(json.loads(out.read_text())["scoring_ms"]) == {"convolution", "lookup"}
     assert "| soba |" in capsys.readouterr().out
     assert diagnose.main(["bench", "--rounds=0", f"--generic={gen}", f"--specific={spec}"] + TINY) == 2
     assert "--rounds" in capsys.readouterr().err
