@@ -105,10 +105,11 @@ PRESETS = {
     "small": dict(n_layer=4, n_head=4, n_embd=128, n_hidden=512, seq_len=256, dropout=0.1,
                   weighter_dim=128, batch_size=128, big_batch_size=16384, specific_batch_size=128,
                   max_steps=300_000, warmup=1000, eval_interval=5000, eval_examples=0),
-    # the paper's language model (Table 1, section 5.2): needs a GPU
+    # the paper's language model (Table 1, section 5.2): needs a GPU. SOBA's second-order pass in 2
+    # micro-batches: the same numbers at half the memory (one pass: 2.0x the baseline step's; README)
     "paper": dict(n_layer=12, n_head=8, n_embd=256, n_hidden=1024, seq_len=256, dropout=0.1,
                   weighter_dim=128, batch_size=128, big_batch_size=16384, specific_batch_size=128,
-                  max_steps=300_000, warmup=1000, eval_interval=5000, eval_examples=0),
+                  max_steps=300_000, warmup=1000, eval_interval=5000, eval_examples=0, soba_chunks=2),
 }
 METHODS = ("baseline", "mixing", "specific", "dds", "soba", "anograd", "scalebio")
 SPARSE = ("dds", "soba", "anograd")   # Algorithm 1 with a learned weighting network
