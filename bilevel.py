@@ -18,9 +18,10 @@ with a direction u in θ-space that depends on the method:
     LTR      u = −lr ∇L_specific(θ)      (Eq. 3 at ε = 0, one batch, no weighting network)
     MWN      u = −ρ ∇L_specific(θ')      (DDS, with w = softmax(mlp(ℓ(x; θ); α)), Meta-Weight-Net)
 
-The inner products c(x) = ⟨∇ℓ(x; θ), u⟩ for a whole batch are ONE Jacobian–vector product of
-the per-example losses, ∂/∂t ℓ(x; θ + t u) at t = 0 (forward-mode autodiff, `per_example_dot`):
-no per-example gradient is ever materialised. SOBA gets them for free from its Hessian–vector
+The inner products c(x) = ⟨∇ℓ(x; θ), u⟩ = d/dt ℓ(x; θ + t u) for a whole batch come from ONE
+ordinary backward pass: with a step size t_x of its own for every example, c = ∇_t Σ_x ℓ(x; θ + t_x u)
+at t = 0 (`per_example_dot`; the forward-mode JVP `per_example_dot_jvp` gives the same numbers at
+a higher cost). No per-example gradient is ever materialised. SOBA gets them for free from its Hessian–vector
 product (it differentiates through per-example weights ε, see `soba_step`). The tests check every
 update against finite differences, brute-force per-example gradients and closed forms.
 
@@ -64,10 +65,72 @@ def dot(a, b):
 
 
 def per_example_dot(model, theta, x, u):
-    """c(x) = ⟨∇_θ ℓ(x; θ), u⟩ for every x in the batch, by one Jacobian–vector product.
+    """c(x) = ⟨∇_θ ℓ(x; θ), u⟩ for every x in the batch by ONE ordinary backward pass.
+    Returns (ℓ(x; θ), c), both (B,).
 
-    jvp of θ ↦ ℓ(x; θ) in the direction u is d/dt ℓ(x; θ + t u) at t = 0 = ⟨∇ℓ(x; θ), u⟩.
-    Returns (ℓ(x; θ), c), both (B,)."""
+    c(x) is the directional derivative d/dt ℓ(x; θ + t u) at t = 0. Give every example its own
+    step size t_x (a (B,) vector, all 0). The examples do not interact, so
+
+        c = ∇_t Σ_x ℓ(x; θ + t_x u)  at t = 0,
+
+    the gradient of ONE scalar: one reverse pass gives all B directional derivatives. A model whose
+    parameters differ per example is not formed: every parameter enters the model through a layer
+    whose output is affine in that layer's parameters (Linear, LayerNorm, Embedding, the tied head),
+        layer(h; θ_l + t_x u_l) = layer(h; θ_l) + t_x · layer_0(h; u_l)
+    (layer_0: the same layer, linear part only, e.g. h U_Wᵀ + U_b for y = h Wᵀ + b), so a forward
+    hook adds t_x · layer_0(h; u_l) to every layer's output and the forward pass computes
+    ℓ(x; θ + t_x u) exactly. The hooks detach h in that term: the derivative through it is
+    multiplied by t = 0. No per-example gradient is formed, no second-order graph is built, and
+    attention keeps its fused kernel. On our CPU the pass costs 1.0–1.5 forward+backward passes and
+    the forward-mode JVP (`per_example_dot_jvp`, the same numbers) 1.4–2.5 (`diagnose.py bench`)."""
+    # a parameter's name in θ / u, also when one tensor is used twice (the tied embedding and head)
+    first = {}
+    name_in_theta = {n: first.setdefault(id(p), n) for n, p in model.named_parameters(remove_duplicate=False)}
+    t = torch.zeros(len(x), device=x.device, dtype=next(iter(theta.values())).dtype,
+                    requires_grad=True)                                 # (B,) one step size t_x per example
+
+    def add_tangent(module_name):
+        def hook(layer, inputs, out):
+            # u_l: u on this layer's parameters (0 for a parameter outside θ, e.g. a frozen block)
+            names = {n: name_in_theta[f"{module_name}.{n}" if module_name else n]
+                     for n, _ in layer.named_parameters(recurse=False)}
+            u_l = {n: u[k].detach() if k in u else torch.zeros_like(getattr(layer, n)) for n, k in names.items()}
+            # layer(h; θ_l + t_x u_l) = layer(h; θ_l) + t_x · layer_0(h; u_l)
+            t_x = t.view(-1, *[1] * (out.dim() - 1))                    # (B, 1, 1)
+            return out + t_x * layer_0(layer, inputs[0].detach(), u_l)
+        return hook
+    hooks = [m.register_forward_hook(add_tangent(n)) for n, m in model.named_modules()
+             if next(m.parameters(recurse=False), None) is not None]
+    try:
+        # ℓ(x; θ + t_x u), with θ detached: only t gets a gradient
+        losses = loss_at(model, {k: p.detach() for k, p in theta.items()}, x)   # (B,)
+    finally:
+        for h in hooks:
+            h.remove()
+    # c = ∇_t Σ_x ℓ(x; θ + t_x u) at t = 0
+    (c,) = torch.autograd.grad(losses.sum(), t)                         # (B,)
+    return losses.detach(), c
+
+
+def layer_0(layer, h, u_l):
+    """The linear part of a layer that is affine in its parameters, evaluated at parameters u_l:
+    layer(h; θ_l + t u_l) − layer(h; θ_l) = t · layer_0(h; u_l)."""
+    if isinstance(layer, torch.nn.Linear):          # y = h Wᵀ + b
+        return F.linear(h, u_l["weight"], u_l.get("bias"))
+    if isinstance(layer, torch.nn.LayerNorm):       # y = ĥ ⊙ γ + β,  ĥ = (h − mean) / std
+        return F.layer_norm(h, layer.normalized_shape, u_l.get("weight"), u_l.get("bias"), layer.eps)
+    if isinstance(layer, torch.nn.Embedding):       # y = E[h]
+        return F.embedding(h, u_l["weight"])
+    raise TypeError(f"per_example_dot: {type(layer).__name__} has parameters but no layer_0 here; "
+                    "add its linear part or use per_example_dot_jvp")
+
+
+def per_example_dot_jvp(model, theta, x, u):
+    """The same (ℓ, c) as `per_example_dot`, by one Jacobian–vector product (forward-mode autodiff):
+
+        jvp of θ ↦ ℓ(x; θ) in the direction u is d/dt ℓ(x; θ + t u) at t = 0 = ⟨∇ℓ(x; θ), u⟩.
+
+    The textbook route, for any model; it needs attention's math path and costs more (see above)."""
     primal = {k: t.detach() for k, t in theta.items()}
     tangent = {k: u[k].detach().to(t.dtype) for k, t in primal.items()}
     with second_order():     # the fused attention kernel has no forward-mode derivative
@@ -107,7 +170,7 @@ def dds_step(model, weighter, x_generic, x_specific, rho, w=None):
     theta_prime = {k: theta[k].detach() - rho * g_generic[k] for k in theta}
     # L(α) = L_specific(θ') and its gradient in θ' (first order)
     g_specific, L = grad_at(model, theta_prime, x_specific)
-    # ∂L/∂w(x) = ⟨∇ℓ(x; θ), −ρ ∇L_specific(θ')⟩ for all x ∈ B_generic at once (a JVP)
+    # ∂L/∂w(x) = ⟨∇ℓ(x; θ), −ρ ∇L_specific(θ')⟩ for all x ∈ B_generic at once (one backward pass)
     _, c = per_example_dot(model, theta, x_generic, {k: -rho * g for k, g in g_specific.items()})
     # ∇_α L = Σ_x ∂L/∂w(x) ∇_α w(x; α)
     backward_to_alpha(c, w)
@@ -279,8 +342,8 @@ def ltr_weights(model, x_generic, x_specific, lr):
 
     (The paper's text speaks of one step "from uniform"; we follow Ren et al. and the reference
     code: ε = 0, clipped at 0, normalised. lr only scales w̃, so it cancels in w.)
-    All ⟨∇L_specific, ∇ℓ(x_i)⟩ come from ONE JVP (`per_example_dot`): no per-example gradients,
-    but the main model's forward and JVP at EVERY example of the batch. Returns (w, ℓ(x; θ)), (b,)."""
+    All ⟨∇L_specific, ∇ℓ(x_i)⟩ come from ONE backward pass (`per_example_dot`): no per-example
+    gradients, but the main model's forward and backward at EVERY example of the batch. Returns (w, ℓ(x; θ)), (b,)."""
     theta = theta_of(model)
     # ∇L_specific(θ) on B_specific
     g_specific, _ = grad_at(model, theta, x_specific)

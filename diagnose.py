@@ -138,8 +138,8 @@ def markdown(header, rows):
 #   SAR = E_{x~D_specific, B_specific, B_generic} 1{a_norm(x, B_specific) > a_norm(x, B_generic)}
 #   GAR = E_{x~D_generic,  B_specific, B_generic} 1{a_norm(x, B_generic) > a_norm(x, B_specific)}
 #
-# The inner products for a whole batch of x are one Jacobian-vector product each
-# (bilevel.per_example_dot): no per-example gradient is ever formed.
+# The inner products for a whole batch of x are one backward pass each (bilevel.per_example_dot):
+# no per-example gradient is ever formed.
 
 SAR_OPTIONS = dict(ckpt="", pretrain_steps=300, draws=20, n_examples=64, out_json="", save_ckpt="")
 
@@ -904,14 +904,15 @@ def step_peak_mb(ctx, method, first):
 
 def pass_timings(ctx, n):
     """ms of the passes the outer updates are made of, on b generic examples x with the model of ctx:
-    a forward and backward (fused attention), c(x) = ⟨∇ℓ(x; θ), u⟩ by one JVP (DDS, Anograd, LTR;
-    bilevel.per_example_dot) and SOBA's (ℓ, g, H v, c) both ways (bilevel.soba_terms*), with u = v = ∇ℓ
+    a forward and backward (fused attention), c(x) = ⟨∇ℓ(x; θ), u⟩ (DDS, Anograd, LTR) by per-example
+    step sizes (bilevel.per_example_dot) and by one JVP (bilevel.per_example_dot_jvp), and SOBA's (ℓ, g, H v, c) both ways (bilevel.soba_terms*), with u = v = ∇ℓ
     of another batch."""
     x = ctx.generic.train.x[: ctx.cfg["batch_size"]].to(ctx.device)
     theta = bilevel.theta_of(ctx.model)
     u, _ = bilevel.grad_at(ctx.model, theta, ctx.generic.train.x[-len(x):].to(ctx.device))
     passes = {"forward_backward": lambda: bilevel.grad_at(ctx.model, theta, x),
-              "per_example_dot_jvp": lambda: bilevel.per_example_dot(ctx.model, theta, x, u),
+              "per_example_dot": lambda: bilevel.per_example_dot(ctx.model, theta, x, u),
+              "per_example_dot_jvp": lambda: bilevel.per_example_dot_jvp(ctx.model, theta, x, u),
               "soba_reverse_over_reverse": lambda: bilevel.soba_terms(ctx.model, x, u),
               "soba_forward_over_reverse": lambda: bilevel.soba_terms_forward_over_reverse(ctx.model, x, u)}
     return {name: ms_per_call(fn, n, ctx.device) for name, fn in passes.items()}
@@ -982,7 +983,8 @@ def cmd_bench(argv):
             f"(with its outer update), above what was allocated before it.\n\n" + markdown(header, rows))
     passes = pass_timings(ctxs["baseline"], n)
     text += (f"\n\nPasses on b = {cfg['batch_size']} generic examples: forward and backward {passes['forward_backward']:.1f} ms; "
-             f"c(x) = ⟨∇ℓ(x; θ), u⟩ by one JVP (DDS, Anograd, LTR) {passes['per_example_dot_jvp']:.1f} ms; SOBA's "
+             f"c(x) = ⟨∇ℓ(x; θ), u⟩ (DDS, Anograd, LTR) by per-example step sizes {passes['per_example_dot']:.1f} ms, "
+             f"by one JVP {passes['per_example_dot_jvp']:.1f} ms; SOBA's "
              f"(ℓ, g, H v, c) by reverse over reverse {passes['soba_reverse_over_reverse']:.1f} ms, by forward over "
              f"reverse {passes['soba_forward_over_reverse']:.1f} ms.")
     if scoring:

@@ -110,6 +110,18 @@ class ByteLM(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.apply(self._init)
+        # the output layer shares the byte embedding (tied, as in nanoGPT). It is a module of its own
+        # so that every parameter enters the model through a module (bilevel.per_example_dot hooks
+        # them); skip_init: no random init (and no RNG draw), its weight is replaced right away.
+        self.head = nn.utils.skip_init(nn.Linear, cfg.n_embd, 256, bias=False)
+        self.head.weight = self.wte.weight
+        self.register_load_state_dict_pre_hook(self._tie_on_load)
+
+    @staticmethod
+    def _tie_on_load(module, state_dict, prefix, *args):
+        # a θ dict (named_parameters lists a tied tensor once) or an older checkpoint has no head.weight
+        if prefix + "wte.weight" in state_dict:
+            state_dict.setdefault(prefix + "head.weight", state_dict[prefix + "wte.weight"])
 
     @staticmethod
     def _init(m):
@@ -131,7 +143,7 @@ class ByteLM(nn.Module):
         h = self.drop(self.wte(inp) + self.wpe[: x.shape[1]])     # (B, T, d)
         for block in self.blocks:
             h = block(h)
-        return self.ln_f(h) @ self.wte.weight.t()                 # (B, T, 256) tied output
+        return self.head(self.ln_f(h))                            # (B, T, 256) = ln_f(h) Eᵀ, tied
 
     def forward(self, x):
         """ℓ(x; θ) for each example: mean nats per predicted byte, padding (byte 0) ignored. (B,)

@@ -631,10 +631,11 @@ def step_ltr(ctx, step):
 
     Why LTR costs more than the sparse methods (section 5.1: "a generic example x cannot be
     discarded without evaluating the main model and its gradient at x"): with no weighting
-    network, an example's weight needs the main model's forward AND a JVP at that example. So LTR
-    weighs only the b examples it trains on (per step: forward+backward on B_specific, a JVP on b,
-    the weighted forward+backward on b); selecting from a big batch B as Algorithm 1 does would
-    cost |B| main-model JVPs per step where the sparse methods pay |B| forwards of the small CNN.
+    network, an example's weight needs the main model's forward AND backward at that example. So
+    LTR weighs only the b examples it trains on (per step: forward+backward on B_specific, the
+    inner products on b, the weighted forward+backward on b); selecting from a big batch B as
+    Algorithm 1 does would cost |B| main-model forward+backward passes per step where the sparse
+    methods pay |B| forwards of the small CNN.
 
     Returns None: every example of the batch is trained on, with weight w_i; the source share
     logged for LTR is the weighted one (Σ_i b·w_i per source), counted here."""

@@ -16,8 +16,8 @@ import torch.nn as nn
 from torch.func import functional_call
 
 import bilevel
-from conftest import random_bytes, tiny_model, tiny_weighter
-from model import second_order
+from conftest import TINY, random_bytes, tiny_model, tiny_weighter
+from model import build_model, second_order
 from weighter import filter_batch
 
 
@@ -150,16 +150,55 @@ def test_dds_small_rho_limit_is_minus_rho_gradient_alignment(setup):
 
 
 # ----------------------------------------------------------------------------------------------
-# per_example_dot: c(x) = ⟨∇ℓ(x; θ), u⟩ by one JVP
+# per_example_dot: c(x) = ⟨∇ℓ(x; θ), u⟩ by per-example step sizes (and by one JVP)
 
-def test_per_example_dot_matches_brute_force(setup):
+@pytest.mark.parametrize("fn", [bilevel.per_example_dot, bilevel.per_example_dot_jvp])
+def test_per_example_dot_matches_brute_force(setup, fn):
     model, _, xg, _ = setup
     u_flat = torch.randn(sum(p.numel() for p in model.parameters()),
                          generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    losses, c = bilevel.per_example_dot(model, bilevel.theta_of(model), xg, unflatten_like(u_flat, model))
+    losses, c = fn(model, bilevel.theta_of(model), xg, unflatten_like(u_flat, model))
     torch.testing.assert_close(losses, model(xg).detach(), rtol=1e-12, atol=1e-12)
     ref = per_example_grads(model, xg) @ u_flat
     torch.testing.assert_close(c, ref, rtol=1e-9, atol=1e-10 * ref.abs().max().item())
+
+
+def test_per_example_dot_with_frozen_blocks_and_dropout():
+    """θ without a frozen block (ScaleBiO's LISA freezes some): u is 0 there. In train mode with
+    dropout, both routes see the same dropout masks when the RNG is reset."""
+    torch.manual_seed(0)
+    model = build_model(**{**TINY, "n_layer": 2, "dropout": 0.3}).double().train()
+    for p in model.blocks[0].parameters():
+        p.requires_grad_(False)
+    theta = bilevel.theta_of(model)
+    assert not any(k.startswith("blocks.0.") for k in theta)
+    u = {k: torch.randn_like(p) for k, p in theta.items()}
+    x = random_bytes(5, 12, seed=3)
+    torch.manual_seed(1)
+    losses, c = bilevel.per_example_dot(model, theta, x, u)
+    torch.manual_seed(1)
+    losses_ref, c_ref = bilevel.per_example_dot_jvp(model, theta, x, u)
+    torch.testing.assert_close(losses, losses_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(c, c_ref, rtol=1e-9, atol=1e-10 * c_ref.abs().max().item())
+
+
+class EmbeddingPReLU(nn.Module):
+    """ℓ(x) = Σ PReLU(E[x]): PReLU's output is not affine in its parameter (the slope)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.act = nn.Embedding(256, 4), nn.PReLU()
+
+    def forward(self, x):
+        return self.act(self.emb(x.long())).sum((1, 2))
+
+
+def test_per_example_dot_refuses_a_layer_it_cannot_linearise():
+    model = EmbeddingPReLU()
+    theta = bilevel.theta_of(model)
+    with pytest.raises(TypeError, match="PReLU"):
+        bilevel.per_example_dot(model, theta, random_bytes(2, 3, seed=0), theta)
+    bilevel.per_example_dot_jvp(model, theta, random_bytes(2, 3, seed=0), theta)   # the JVP takes any layer
 
 
 # ----------------------------------------------------------------------------------------------

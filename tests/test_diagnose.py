@@ -74,7 +74,7 @@ def soba_run(tmp_path_factory, corpora):
 
 
 # -----------------------------------------------------------------------------------------------
-# sar: JVP inner products against explicit per-example gradients
+# sar: batched inner products against explicit per-example gradients
 
 def brute_force_alignments(model, x, B):
     """a_norm(x, B) with explicit per-example gradients: (n,)."""
@@ -387,7 +387,7 @@ def test_bench_times_whole_outer_cycles(corpora, tmp_path, capsys):
         assert len(r["ms_per_step_rounds"]) == 3 and r["ms_per_step"] == sorted(r["ms_per_step_rounds"])[1]
     assert res["soba"]["ratio"] == pytest.approx(res["soba"]["ms_per_step"] / res["baseline"]["ms_per_step"])
     assert res["soba"]["step_memory_mb"] > 0 and 0 < res["soba"]["score_fraction"]
-    assert set(json.loads(out.read_text())["passes_ms"]) == {"forward_backward", "per_example_dot_jvp",
+    assert set(json.loads(out.read_text())["passes_ms"]) == {"forward_backward", "per_example_dot", "per_example_dot_jvp",
                                                              "soba_reverse_over_reverse", "soba_forward_over_reverse"}
     assert set(json.loads(out.read_text())["scoring_ms"]) == {"convolution", "lookup"}
     assert "| soba |" in capsys.readouterr().out
