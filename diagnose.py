@@ -904,9 +904,9 @@ def step_peak_mb(ctx, method, first):
 
 def pass_timings(ctx, n):
     """ms of the passes the outer updates are made of, on b generic examples x with the model of ctx:
-    a forward and backward (fused attention), c(x) = ⟨∇ℓ(x; θ), u⟩ (DDS, Anograd, LTR) by per-example
-    step sizes (bilevel.per_example_dot) and by one JVP (bilevel.per_example_dot_jvp), and SOBA's (ℓ, g, H v, c) both ways (bilevel.soba_terms*), with u = v = ∇ℓ
-    of another batch."""
+    a forward and backward (fused attention); c(x) = ⟨∇ℓ(x; θ), u⟩ (DDS, Anograd, LTR) by per-example
+    step sizes (bilevel.per_example_dot) and by one JVP (bilevel.per_example_dot_jvp); SOBA's
+    (ℓ, g, H v, c) both ways (bilevel.soba_terms*). u = v = ∇ℓ of another batch."""
     x = ctx.generic.train.x[: ctx.cfg["batch_size"]].to(ctx.device)
     theta = bilevel.theta_of(ctx.model)
     u, _ = bilevel.grad_at(ctx.model, theta, ctx.generic.train.x[-len(x):].to(ctx.device))

@@ -5,11 +5,12 @@ Paper, Table 1 (language model): 12 layers, 8 heads, residual dimension 256, fee
 ~9.5M parameters. Reference code: ReLU MLP, dropout 0.1, sinusoidal positions, tied output
 embedding, vocabulary = the 256 byte values with byte 0 as padding.
 
-The one thing this file does that nanoGPT does not: the bilevel updates differentiate *through* a
-gradient (DDS's look-ahead, SOBA's Hessian-vector product, Anograd's cosine). PyTorch's fused
-scaled-dot-product attention kernels have no double backward, so those steps run attention on the
-"math" path (an explicit softmax(QKᵀ/√d)V built from differentiable ops). Everything else (the plain
-training step, evaluation) keeps the fast fused kernel. `second_order()` below switches the path.
+The one thing this file does that nanoGPT does not: SOBA's Hessian-vector product differentiates
+*through* a gradient (a double backward). PyTorch's fused scaled-dot-product attention kernels have
+no double backward (nor a forward-mode derivative), so that step runs attention on the "math" path
+(an explicit softmax(QKᵀ/√d)V built from differentiable ops). Everything else (the plain training
+step, DDS and Anograd, which need only first-order passes, evaluation) keeps the fast fused kernel.
+`second_order()` below switches the path.
 """
 
 import contextlib
