@@ -969,13 +969,16 @@ def cmd_bench(argv):
     base = res["baseline"]
     for m, r in res.items():
         r["ratio"] = r["ms_per_step"] / base["ms_per_step"]
+        # the ratio within each round (same spell of the machine): its range says how far to trust r["ratio"]
+        r["ratio_rounds"] = [a / b for a, b in zip(r["ms_per_step_rounds"], base["ms_per_step_rounds"])]
         r["memory_ratio"] = r["step_memory_mb"] / max(base["step_memory_mb"], 1e-9)
         r["score_fraction"] = r["score_ms"] / base["ms_per_step"] if "score_ms" in r else None
-        rows.append([m, f"{r['ms_per_step']:.1f}", f"{r['ratio']:.2f}x", fmt(r["score_fraction"], ".2f"),
+        spread = f" ({min(r['ratio_rounds']):.2f}–{max(r['ratio_rounds']):.2f})" if len(r["ratio_rounds"]) > 1 else ""
+        rows.append([m, f"{r['ms_per_step']:.1f}", f"{r['ratio']:.2f}x{spread}", fmt(r["score_fraction"], ".2f"),
                      f"{r['step_memory_mb']:.1f}", f"{r['memory_ratio']:.2f}x", f"{r['trained_bytes_per_s'] / 1e3:.1f}",
                      f"{r['scanned_bytes_per_s'] / 1e3:.1f}"])
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    header = ["method", "ms/step", "vs baseline", "scoring B / baseline step", "step memory MB", "memory vs baseline",
+    header = ["method", "ms/step", "vs baseline (range over rounds)", "scoring B / baseline step", "step memory MB", "memory vs baseline",
               "trained kB/s", "scanned kB/s"]
     text = (f"{dev}, one process; per method the median over {opts['rounds']} rounds of {n} timed steps (whole cycles "
             f"of outer_every steps, the methods in turn in each round) after {warm} warm-up steps; step memory = "

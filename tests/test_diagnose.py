@@ -386,6 +386,8 @@ def test_bench_times_whole_outer_cycles(corpora, tmp_path, capsys):
     for r in res.values():                   # the median of the 3 rounds
         assert len(r["ms_per_step_rounds"]) == 3 and r["ms_per_step"] == sorted(r["ms_per_step_rounds"])[1]
     assert res["soba"]["ratio"] == pytest.approx(res["soba"]["ms_per_step"] / res["baseline"]["ms_per_step"])
+    assert res["soba"]["ratio_rounds"] == pytest.approx([a / b for a, b in zip(res["soba"]["ms_per_step_rounds"],
+                                                                               res["baseline"]["ms_per_step_rounds"])])
     assert res["soba"]["step_memory_mb"] > 0 and 0 < res["soba"]["score_fraction"]
     assert set(json.loads(out.read_text())["passes_ms"]) == {"forward_backward", "per_example_dot", "per_example_dot_jvp",
                                                              "soba_reverse_over_reverse", "soba_forward_over_reverse"}
