@@ -81,8 +81,9 @@ def per_example_dot(model, theta, x, u):
     hook adds t_x · layer_0(h; u_l) to every layer's output and the forward pass computes
     ℓ(x; θ + t_x u) exactly. The hooks detach h in that term: the derivative through it is
     multiplied by t = 0. No per-example gradient is formed, no second-order graph is built, and
-    attention keeps its fused kernel. On our CPU the pass costs 1.0–1.5 forward+backward passes and
-    the forward-mode JVP (`per_example_dot_jvp`, the same numbers) 1.4–2.5 (`diagnose.py bench`)."""
+    attention keeps its fused kernel. On our CPU, at the `cpu` preset, the pass costs 1.0–1.5
+    forward+backward passes and the forward-mode JVP (`per_example_dot_jvp`, the same numbers)
+    1.4–2.5; at the paper's size both cost 1.1 (`diagnose.py bench`, README "Step cost")."""
     # a parameter's name in θ / u, also when one tensor is used twice (the tied embedding and head)
     first = {}
     name_in_theta = {n: first.setdefault(id(p), n) for n, p in model.named_parameters(remove_duplicate=False)}
