@@ -349,13 +349,21 @@ def test_table_ctrl_c_stops_every_job_with_a_checkpoint(corpora, tmp_path):
     cmd = [sys.executable, os.path.join(os.path.dirname(diagnose.__file__), "diagnose.py"), "table",
            f"--out_dir={tmp_path}", "--methods=baseline,mixing,cds", "--seeds=0", "--jobs=2", "--max_steps=1000000",
            f"--generic={gen}", f"--specific={spec}"] + TINY
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    logs = [tmp_path / f"{m}_s0" / "log.jsonl" for m in ("baseline", "mixing")]
-    deadline = time.time() + 120
-    while not all(p.exists() and p.stat().st_size > 0 for p in logs) and time.time() < deadline:
-        time.sleep(0.2)                                       # both runs have evaluated at least once
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
+    # SIGINT at its default in the child, also when pytest itself runs in the background (`cmd &`
+    # starts it with SIGINT ignored, and Python then installs no KeyboardInterrupt handler);
+    # a session of its own, so that a failure below can stop the whole process group
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        logs = [tmp_path / f"{m}_s0" / "log.jsonl" for m in ("baseline", "mixing")]
+        deadline = time.time() + 120
+        while not all(p.exists() and p.stat().st_size > 0 for p in logs) and time.time() < deadline:
+            time.sleep(0.2)                                       # both runs have evaluated at least once
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)              # no train.py left running after a failure
     assert proc.returncode == 1, out
     for m in ("baseline", "mixing"):
         assert f"end   {m} seed 0: status 130" in out
