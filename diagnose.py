@@ -503,7 +503,7 @@ def score_documents(weighter, docs, seq_len, how, batch):
 
     def flush():
         rows = [doc_windows(b, seq_len, how) for _, _, b in pending]             # [(n_i, T)]
-        s = score(weighter, torch.cat(rows), chunk=512)                          # (Σ n_i,) in chunks: bounded memory
+        s = score(weighter, torch.cat(rows))                                     # (Σ n_i,) in chunks: bounded memory
         per_doc = torch.stack([c.mean() for c in s.split([len(r) for r in rows])])  # (len(pending),)
         out = [(i, src, v) for (i, src, _), v in zip(pending, per_doc.tolist())]
         pending.clear()
