@@ -20,21 +20,44 @@ with a direction u in θ-space that depends on the method:
 
 The inner products c(x) = ⟨∇ℓ(x; θ), u⟩ = d/dt ℓ(x; θ + t u) for a whole batch come from ONE
 ordinary backward pass: with a step size t_x of its own for every example, c = ∇_t Σ_x ℓ(x; θ + t_x u)
-at t = 0 (`per_example_dot`; the forward-mode JVP `per_example_dot_jvp` gives the same numbers at
-a higher cost). No per-example gradient is ever materialised. SOBA gets them for free from its Hessian–vector
-product (it differentiates through per-example weights ε, see `soba_step`). The tests check every
-update against finite differences, brute-force per-example gradients and closed forms.
+at t = 0 (`per_example_dot`; the forward-mode JVP of tests/test_bilevel.py, its reference, gives
+the same numbers at a higher cost). No per-example gradient is ever materialised. SOBA gets them
+for free from its Hessian–vector product (it differentiates through per-example weights ε, see
+`soba_step`). The tests check every update against finite differences, brute-force per-example
+gradients and closed forms.
 
 Variables are named as in the paper: θ (`theta`, a dict name → tensor), α (the weighter's
 parameters), ρ (`rho`), η (`eta`), v, B_generic (`x_generic`), B_specific (`x_specific`).
+
+No host synchronisation in the updates: they return tensors (0-dim for scalars, detached) on the
+model's device; the caller converts them to numbers when it logs.
+
+Departures from the paper and the reference code (and why each stays). Each is what the reported
+runs computed: changing it would change their numbers.
+  (a) Anograd's loss is −⟨g, s⟩/(‖g‖‖s‖ + 1e-12) (g: the weighted generic, s: the specific
+      gradient), the cosine; the reference code's is −⟨g, s⟩/(‖g‖ + 1e-6). ‖s‖ does not depend on
+      α: a per-step rescaling of α's gradient, which Adam on α mostly normalises away.
+  (b) w(x; α) is a softmax over the batch's sequences (one masked-mean score each); the
+      reference's is a softmax over tokens. They differ when rows are padded. Stays: the filter
+      draws sequences, one weight each.
+  (c) DDS and Anograd take their outer step on R, the first b rows of the i.i.d. uniform big batch
+      B (train.py), before the filter (the reference code's order): R is a uniform b-subset of B,
+      and w is the softmax over R, not over B.
+  (d) SOBA's Hessian is taken on the filtered batch S (drawn ∝ w) with uniform weights 1/b, as the
+      reference code does, not as Σ_B w ∇²ℓ; its d_α uses the softmax over S. Stays: the same
+      pass gives the main model's gradient on S.
+  (e) `outer_every` = k takes the outer step on every k-th step only (the paper: every step). k = 1
+      is the default; the `cpu` preset's k = 3 bounds a CPU step's cost (README, "Step cost").
+  (f) CDS computes Δ once, then keeps the top-b of −Δ within each big batch B, online, as the
+      reference code does; the paper restricts the generic set once, before training.
 """
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad, jvp
+from torch.func import functional_call
 from tqdm import tqdm
 
-from model import second_order
+from model import second_order, uncompiled
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,11 +105,13 @@ def per_example_dot(model, theta, x, u):
     ℓ(x; θ + t_x u) exactly. The hooks detach h in that term: the derivative through it is
     multiplied by t = 0. No per-example gradient is formed, no second-order graph is built, and
     attention keeps its fused kernel. On our CPU, at the `cpu` preset, the pass costs 1.0–1.5
-    forward+backward passes and the forward-mode JVP (`per_example_dot_jvp`, the same numbers)
-    1.4–2.5; at the paper's size both cost 1.1 (`diagnose.py bench`, README "Step cost")."""
+    forward+backward passes and the forward-mode JVP (tests/test_bilevel.py, the same numbers)
+    1.4–2.5; at the paper's size both cost 1.1 (`diagnose.py bench`, README "Step cost").
+    A model compiled by model.compile_model runs uncompiled here (the hooks change per call)."""
     # a parameter's name in θ / u, also when one tensor is used twice (the tied embedding and head)
     first = {}
-    name_in_theta = {n: first.setdefault(id(p), n) for n, p in model.named_parameters(remove_duplicate=False)}
+    name_in_theta = {n: first.setdefault(id(p), n)
+                     for n, p in model.named_parameters(remove_duplicate=False)}
     t = torch.zeros(len(x), device=x.device, dtype=next(iter(theta.values())).dtype,
                     requires_grad=True)                                 # (B,) one step size t_x per example
 
@@ -95,7 +120,8 @@ def per_example_dot(model, theta, x, u):
             # u_l: u on this layer's parameters (0 for a parameter outside θ, e.g. a frozen block)
             names = {n: name_in_theta[f"{module_name}.{n}" if module_name else n]
                      for n, _ in layer.named_parameters(recurse=False)}
-            u_l = {n: u[k].detach() if k in u else torch.zeros_like(getattr(layer, n)) for n, k in names.items()}
+            u_l = {n: u[k].detach() if k in u else torch.zeros_like(getattr(layer, n))
+                   for n, k in names.items()}
             # layer(h; θ_l + t_x u_l) = layer(h; θ_l) + t_x · layer_0(h; u_l)
             t_x = t.view(-1, *[1] * (out.dim() - 1))                    # (B, 1, 1)
             return out + t_x * layer_0(layer, inputs[0].detach(), u_l)
@@ -104,7 +130,8 @@ def per_example_dot(model, theta, x, u):
              if next(m.parameters(recurse=False), None) is not None]
     try:
         # ℓ(x; θ + t_x u), with θ detached: only t gets a gradient
-        losses = loss_at(model, {k: p.detach() for k, p in theta.items()}, x)   # (B,)
+        with uncompiled(model):
+            losses = loss_at(model, {k: p.detach() for k, p in theta.items()}, x)   # (B,)
     finally:
         for h in hooks:
             h.remove()
@@ -123,20 +150,7 @@ def layer_0(layer, h, u_l):
     if isinstance(layer, torch.nn.Embedding):       # y = E[h]
         return F.embedding(h, u_l["weight"])
     raise TypeError(f"per_example_dot: {type(layer).__name__} has parameters but no layer_0 here; "
-                    "add its linear part or use per_example_dot_jvp")
-
-
-def per_example_dot_jvp(model, theta, x, u):
-    """The same (ℓ, c) as `per_example_dot`, by one Jacobian–vector product (forward-mode autodiff):
-
-        jvp of θ ↦ ℓ(x; θ) in the direction u is d/dt ℓ(x; θ + t u) at t = 0 = ⟨∇ℓ(x; θ), u⟩.
-
-    The textbook route, for any model; it needs attention's math path and costs more (see above)."""
-    primal = {k: t.detach() for k, t in theta.items()}
-    tangent = {k: u[k].detach().to(t.dtype) for k, t in primal.items()}
-    with second_order():     # the fused attention kernel has no forward-mode derivative
-        losses, c = jvp(lambda th: loss_at(model, th, x), (primal,), (tangent,))
-    return losses.detach(), c.detach()
+                    "add its linear part (or take a forward-mode JVP)")
 
 
 def backward_to_alpha(c, w):
@@ -230,29 +244,14 @@ def soba_terms(model, x, v, chunks=1):
     theta = theta_of(model)
     names, params = list(theta), list(theta.values())
     b = x.shape[0]
-    eps = torch.full((b,), 1.0 / b, device=x.device, requires_grad=True, dtype=params[0].dtype)  # (b,) ε = 1/b
-    with second_order():
+    # (b,) ε = 1/b
+    eps = torch.full((b,), 1.0 / b, device=x.device, requires_grad=True, dtype=params[0].dtype)
+    with second_order(model):
         losses = model(x)                                                       # (b,) ℓ(x; θ)
         g = torch.autograd.grad((eps * losses).sum(), params, create_graph=True)   # g = ∇_θ Σ ε ℓ
         g_dot_v = sum((gi * v[k]).sum() for gi, k in zip(g, names))            # ⟨g, v⟩
         *Hv, c = torch.autograd.grad(g_dot_v, params + [eps])                   # H v, (b,) c = ⟨∇ℓ(x), v⟩
     return losses.detach(), {k: gi.detach() for k, gi in zip(names, g)}, dict(zip(names, Hv)), c
-
-
-def soba_terms_forward_over_reverse(model, x, v):
-    """The same (ℓ, g, H v, c) by forward over reverse, as the reference code computes H v: one
-    Jacobian–vector product, in the direction v, of θ ↦ (∇_θ mean ℓ(x; θ), ℓ(x; θ)):
-        tangent of ∇_θ mean ℓ = H v,     tangent of ℓ(x; θ) = ⟨∇_θ ℓ(x; θ), v⟩ = c.
-    `diagnose.py bench` times both ways; on our CPU the reverse-over-reverse pass is the faster."""
-    primal = {k: t.detach() for k, t in theta_of(model).items()}
-    tangent = {k: v[k].detach().to(t.dtype) for k, t in primal.items()}
-
-    def mean_loss(theta):
-        losses = loss_at(model, theta, x)                                       # (b,)
-        return losses.mean(), losses
-    with second_order():
-        (g, losses), (Hv, c) = jvp(grad(mean_loss, has_aux=True), (primal,), (tangent,))
-    return losses.detach(), {k: t.detach() for k, t in g.items()}, Hv, c
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,13 +290,15 @@ def anograd_step(model, weighter, x_generic, x_specific):
 
 @torch.no_grad()
 def losses_of(model, x, batch_size=256, device="cpu", desc=None):
-    """ℓ(x; θ) for every row of x, in batches, in eval mode: (N, T) uint8 → (N,) float32 on the CPU.
-    The caller picks the precision (autocast); desc labels a tqdm bar (None: no bar)."""
+    """ℓ(x; θ) for every row of x, in batches, in eval mode: (N, T) uint8 (on any device) → (N,)
+    float32 on `device` (the model's). No host synchronisation: the batches' losses stay on the
+    device until the caller reads them. The caller picks the precision (autocast); desc labels a
+    tqdm bar (None: no bar)."""
     was_training = model.training
     model.eval()
     starts = tqdm(range(0, len(x), batch_size), desc=desc, disable=True if desc is None else None,
                   leave=False, dynamic_ncols=True)
-    out = [model(x[i:i + batch_size].to(device)).float().cpu() for i in starts]   # [(batch,) ℓ(x; θ)]
+    out = [model(x[i:i + batch_size].to(device)).float() for i in starts]   # [(batch,) ℓ(x; θ)]
     model.train(was_training)
     return torch.cat(out)                                                        # (N,)
 
@@ -310,7 +311,8 @@ def cds_delta(model, tuned, x, batch_size=256, device="cpu"):
         Δ(x) = ℓ(x; θ_ft) − ℓ(x; θ)          (N,); negative: fine-tuning made x more likely
 
     Phase (iii) keeps "the generic data whose loss improvement ... is the greatest": the most
-    negative Δ (train.py: the top-b of −Δ within each big batch B, as the reference code does)."""
+    negative Δ (train.py: the top-b of −Δ within each big batch B, as the reference code does).
+    On `device`, like losses_of."""
     before = losses_of(model, x, batch_size, device, desc="CDS: score generic with θ")        # (N,)
     after = losses_of(tuned, x, batch_size, device, desc="CDS: score generic with θ_ft")      # (N,)
     return after - before
@@ -325,7 +327,9 @@ def classifier_step(weighter, x_generic, x_specific):
 
     σ(s(x; α)) estimates P(specific | x); the selection keeps the highest logits."""
     s = weighter(torch.cat([x_generic, x_specific])).float()                    # (n_g + n_s,) logits
-    y = torch.cat([torch.zeros(len(x_generic)), torch.ones(len(x_specific))]).to(s.device)  # (n_g + n_s,)
+    # labels made on s's device (no host-to-device copy)
+    y = torch.cat([torch.zeros(len(x_generic), device=s.device),
+                   torch.ones(len(x_specific), device=s.device)])                  # (n_g + n_s,)
     loss = F.binary_cross_entropy_with_logits(s, y)
     loss.backward()
     return loss.detach()
@@ -344,7 +348,8 @@ def ltr_weights(model, x_generic, x_specific, lr):
     (The paper's text speaks of one step "from uniform"; we follow Ren et al. and the reference
     code: ε = 0, clipped at 0, normalised. lr only scales w̃, so it cancels in w.)
     All ⟨∇L_specific, ∇ℓ(x_i)⟩ come from ONE backward pass (`per_example_dot`): no per-example
-    gradients, but the main model's forward and backward at EVERY example of the batch. Returns (w, ℓ(x; θ)), (b,)."""
+    gradients, but the main model's forward and backward at EVERY example of the batch.
+    Returns (w, ℓ(x; θ)), both (b,)."""
     theta = theta_of(model)
     # ∇L_specific(θ) on B_specific
     g_specific, _ = grad_at(model, theta, x_specific)
@@ -353,8 +358,8 @@ def ltr_weights(model, x_generic, x_specific, lr):
     # w̃_i = max(lr c_i, 0)
     w_tilde = (lr * c.float()).clamp(min=0.0)                                   # (b,)
     total = w_tilde.sum()
-    # w = w̃ / Σ w̃, or uniform if Σ w̃ = 0
-    w = w_tilde / total if total > 0 else torch.full_like(w_tilde, 1.0 / len(w_tilde))
+    # w = w̃ / Σ w̃, or uniform if Σ w̃ = 0 (chosen on the device: no host synchronisation)
+    w = torch.where(total > 0, w_tilde / total, torch.full_like(w_tilde, 1.0 / len(w_tilde)))
     return w, losses
 
 
@@ -401,10 +406,11 @@ def per_source_mean(losses, source_id, n_sources):
     example in the batch (it then contributes 0 to L2 and gets no gradient). losses: (B,),
     source_id: (B,) long → (K,)"""
     # Σ_{i: s_i = s} ℓ_i
-    total = torch.zeros(n_sources, dtype=losses.dtype, device=losses.device).index_add(0, source_id, losses)  # (K,)
-    # n_s = |{i: s_i = s}|
-    count = torch.bincount(source_id, minlength=n_sources).to(losses.dtype)                      # (K,)
-    return total / count.clamp(min=1)                                                            # (K,)
+    total = torch.zeros(n_sources, dtype=losses.dtype, device=losses.device)             # (K,)
+    total = total.index_add(0, source_id, losses)                                          # (K,)
+    # n_s = |{i: s_i = s}|, counted by index_add (bincount on CUDA synchronises with the host)
+    count = torch.zeros_like(total).index_add(0, source_id, torch.ones_like(losses))       # (K,)
+    return total / count.clamp(min=1)                                                      # (K,)
 
 
 def L2(losses, source_id, lam):
@@ -413,7 +419,9 @@ def L2(losses, source_id, lam):
 
 
 def scalebio_step(w, u, p, x_generic, source_id, x_specific, alpha):
-    """Sets .grad of w's, u's parameters and of p for one ScaleBiO step; returns a dict of floats.
+    """Sets .grad of w's, u's parameters and of p for one ScaleBiO step; returns a dict of 0-dim
+    detached float32 tensors (no host synchronisation: the caller converts them when it logs):
+    L1, L2_w = L2(w, λ), L2_u = L2(u, λ), gap = L2(w, λ) − L2(u, λ), train_loss = mean ℓ(x; w).
 
     w: the main model (kept), u: the auxiliary copy, p: (K,) logits, λ = softmax(p);
     x_generic: (B, T) a uniform generic batch, source_id: (B,) its sources; x_specific: (B', T).
@@ -433,8 +441,8 @@ def scalebio_step(w, u, p, x_generic, source_id, x_specific, alpha):
     # 3. ∇_p α·[L2(w, λ) − L2(u, λ)] = α·J_softmax(p)ᵀ (m_w − m_u), J = diag(λ) − λλᵀ
     gap = (m_w - m_u).detach()                                           # (K,) L2_s(w) − L2_s(u)
     (alpha * (lam * gap).sum()).backward()
-    return {"L1": L1.item(), "L2_w": (lam * m_w).sum().item(), "L2_u": (lam * m_u).sum().item(),
-            "gap": (lam * gap).sum().item(), "train_loss": losses_w.mean().item()}
+    return {"L1": L1.detach(), "L2_w": (lam * m_w).sum().detach(), "L2_u": (lam * m_u).sum().detach(),
+            "gap": (lam * gap).sum().detach(), "train_loss": losses_w.mean().detach()}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -188,9 +188,11 @@ def _read_jsonl(path: str):
         raise DataError(f"{path}: empty file (no records)")
 
 
-def read_documents(path: str):
+def read_documents(path: str, with_text: bool = False):
     """Yields (bytes, source, split) for each non-empty document of one file;
-    split is always one of SPLITS. Any problem becomes a one-line DataError."""
+    split is always one of SPLITS. Any problem becomes a one-line DataError.
+    with_text: (bytes, source, split, text), text as read (what `diagnose.py
+    select` writes out), bytes its normalised encoding (what the models read)."""
     if not _suffix(path):
         raise DataError(f"{path}: unsupported file type (expected .txt, .jsonl or .jsonl.gz)")
     reader = _read_txt if path.endswith(".txt") else _read_jsonl
@@ -204,7 +206,7 @@ def read_documents(path: str):
             if not b or b.isspace():
                 continue  # empty documents give no examples
             n_docs += 1
-            yield b, source, split or hash_split(b)
+            yield (b, source, split or hash_split(b)) + ((text,) if with_text else ())
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise DataError(f"{path}: not a valid gzip file ({_one_line(e)})") from None
     except OSError as e:  # missing, unreadable, a directory, ...
@@ -239,6 +241,14 @@ def load_corpus(spec: str, seq_len: int, doc_mode: str = "chunk", flag: str = "-
             data[split].append(chunk)
             docs[split].append((names.setdefault(source, len(names)), n_docs, n))
             n_docs += 1
+    # small document sets: a source with >= 2 documents, none of which hashed into train, gets its
+    # first one moved to train (otherwise that source would never be trained on)
+    for k in set(range(len(names))) - {d[0] for d in docs["train"]}:
+        held = [(d[1], split, i) for split in ("valid", "test") for i, d in enumerate(docs[split]) if d[0] == k]
+        if len(held) >= 2:
+            _, split, i = min(held)
+            data["train"].append(data[split].pop(i))
+            docs["train"].append(docs[split].pop(i))
     if not data["train"]:
         raise DataError(f"{flag}: {spec}: no training examples ({n_docs} documents, none in the train split)")
     # sorted source names, so ids do not depend on file order
@@ -254,6 +264,97 @@ def load_corpus(spec: str, seq_len: int, doc_mode: str = "chunk", flag: str = "-
         return _examples(x, remap[np.repeat(src, n)], np.repeat(did, n), sources)
 
     return Corpus(build("train"), build("valid"), build("test"), sources, spec)
+
+
+def load_data(cfg: dict, pool_needed: int = 1):
+    """train.py's corpora from its settings: (generic Corpus, [specific Corpus, ...], info) from the
+    --generic and --specific specs, or the built-in corpus when both are empty. `;` in --specific
+    separates several specific sets (a multi-task outer loss, Appendix B). Batches are drawn with
+    replacement, so a generic pool smaller than the pool_needed examples drawn per step only warns;
+    so does an empty generic valid split (its loss is a diagnostic). The specific sets must have
+    valid and test documents and at least one batch of training examples."""
+    generic, specific, seq_len, doc_mode, seed = (cfg[k] for k in ("generic", "specific", "seq_len", "doc_mode",
+                                                                  "seed"))
+    if not generic and not specific:
+        g, s, info = builtin_corpora(seed, seq_len)
+        specifics = [s]
+    elif not generic or not specific:
+        raise DataError("--generic and --specific: give both (or neither, for the built-in corpus)")
+    else:
+        g = load_corpus(generic, seq_len, doc_mode, flag="--generic")
+        specifics = [load_corpus(spec, seq_len, doc_mode, flag="--specific") for spec in specific.split(";")]
+        info = {}
+    if cfg["noise_sources"]:   # the denoising setting: the generic corpus re-labelled into K noisy sources
+        g, info = noisy_corpus(g, cfg["noise_sources"], seed), {}
+    for s in specifics:
+        if cfg["specific_train_docs"]:
+            s.train = document_subset(s.train, cfg["specific_train_docs"], seed)
+        for split in ("valid", "test"):
+            if len(getattr(s, split)) == 0:
+                raise DataError(f"--specific: {s.name} has an empty {split} split (no document fell in it; "
+                                f'give it documents, e.g. with a "split" field in .jsonl records)')
+        if len(s.train) < cfg["specific_batch_size"]:
+            raise DataError(f"--specific: {s.name} has {len(s.train)} training examples, fewer than "
+                            f"--specific_batch_size={cfg['specific_batch_size']} (lower it, or --doc_mode=chunk)")
+    if len(g.train) < pool_needed:
+        print(f"warning: --generic: {len(g.train)} training examples, fewer than the {pool_needed} drawn per "
+              "step: batches are drawn with replacement, so examples repeat; --doc_mode=chunk gives more")
+    if len(g.valid) == 0:
+        print("warning: --generic: no document fell in the valid split; the generic valid loss is skipped")
+    return g, specifics, info
+
+
+def noisy_corpus(g: Corpus, K: int, seed: int) -> Corpus:
+    """The denoising setting: train/valid/test re-labelled into K sources, source k corrupted with
+    probability min(1, 2k/K) (noisy_sources)."""
+    splits = [noisy_sources(e, K, seed + 300 + i) for i, e in enumerate((g.train, g.valid, g.test))]
+    return Corpus(*splits, splits[0].sources, f"{g.name}+noise{K}")
+
+
+def set_names(specifics: list) -> list:
+    """Names of the specific sets in logs: "specific" for one; for several (Appendix B), each spec's
+    file or directory name without its extension ("reuters21578"), or the whole spec if two clash."""
+    if len(specifics) == 1:
+        return ["specific"]
+    names = [os.path.basename(s.name.rstrip("/")).split(".")[0] or s.name for s in specifics]
+    return names if len(set(names)) == len(names) else [s.name for s in specifics]
+
+
+def eval_subset(examples: Examples, n: int, seed: int) -> Examples:
+    """A fixed random subset of n examples (all when n = 0), the same at every evaluation."""
+    if n == 0 or len(examples) <= n:
+        return examples
+    return examples.subset(torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))[:n])
+
+
+def eval_sets(g: Corpus, specifics: list, names: list, n: int, device) -> dict:
+    """The evaluated sets, as (N, T) byte tensors on the device: generic valid and, per specific set,
+    its valid and test splits (fixed subsets of n examples each; 0 = all)."""
+    out = {"generic_valid": eval_subset(g.valid, n, 0).x.to(device)}
+    for name, s in zip(names, specifics):
+        out[f"{name}_valid"] = eval_subset(s.valid, n, 1).x.to(device)
+        out[f"{name}_test"] = eval_subset(s.test, n, 2).x.to(device)
+    return out
+
+
+def read_checkpoint(path: str, flag: str) -> dict:
+    """torch.load(weights_only=True) of a checkpoint file, or a one-line DataError naming the flag."""
+    if not os.path.isfile(path):
+        raise DataError(f"{flag}: no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"{flag}: {path} is not a readable checkpoint ({type(e).__name__})") from None
+
+
+def document_subset(examples: Examples, n: int, seed: int, flag: str = "--specific_train_docs") -> Examples:
+    """The windows of a fixed random subset of n documents (a draw by seed among the distinct
+    doc_ids of `examples`): how the scarce-specific-data regime keeps N training documents."""
+    docs = torch.unique(examples.doc_id)                                        # (D,) sorted doc ids
+    if not 1 <= n <= len(docs):
+        raise DataError(f"{flag}: {n} is not in 1..{len(docs)} (the number of training documents)")
+    keep = docs[torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed))[:n]]  # (n,)
+    return examples.subset(torch.isin(examples.doc_id, keep))
 
 
 # -----------------------------------------------------------------------------

@@ -1,33 +1,37 @@
 """
-Diagnostics and reports for adaptive training distributions: is bilevel data selection likely to
-help (SAR/GAR, paper section 6.3), what did the weighting network learn, which documents of a corpus
-does it select, how much faster did a run reach a target loss (Figure 1), and Table 2 in one command.
+Diagnostics and reports for adaptive training distributions: will bilevel data selection help
+(SAR/GAR, paper section 6.3), what did a run's weighting network learn, which documents of a corpus
+does it select, how much sooner does a run reach a target loss (Figure 1), Tables 2 and 3 in one
+command, the step cost of every method, and the check to run on a GPU.
 
-    python diagnose.py sar --ckpt=out/ckpt.pt                       # SAR/GAR of a trained model
-    python diagnose.py sar --preset=cpu --generic=DIR --specific=FILE --pretrain_steps=300
-    python diagnose.py weights --run=out                            # per-source shares, ESS, snippets, weight vs loss
-    python diagnose.py select --run=out --input=CORPUS --output=sel.jsonl --fraction=0.1
-    python diagnose.py compare --runs=out/base,out/soba             # time to a target loss, speedups
-    python diagnose.py table --generic=DIR --specific=FILE --preset=cpu --seeds=0,1 --out_dir=runs/t2
-    python diagnose.py bench --preset=cpu                           # ms/step and memory of every method
+    python diagnose.py --help                          # the subcommands; `SUBCOMMAND --help`: its options
+    python diagnose.py sar --preset=cpu --generic=DIR --specific=FILE          # will selection help?
+    python diagnose.py weights --run=out/soba                                   # what α learned
+    python diagnose.py select --run=out/soba --input=CORPUS --output=sel.jsonl --fraction=0.1
+    python diagnose.py compare --runs=out/base,out/soba                         # time to a target loss
+    python diagnose.py table --preset=cpu --generic=DIR --specific=FILE --out_dir=runs/t2    # Table 2
+    python diagnose.py table --preset=cpu --generic=DIR --specifics=DIR --out_dir=runs/t3    # Table 3
+    python diagnose.py bench --preset=cpu                                       # ms/step and memory
+    python diagnose.py gpucheck --generic=DIR --specific=FILE                   # 10 minutes on one GPU
 
-Options are `--key=value` as in train.py; `sar` and `table` also take any train.py setting (the
-model, the data, the preset), which they hand to train.py's own machinery. Bad input gives a one-line
-error and exit status 2.
+Options are `--key=value`, as in train.py; sar, table, bench and gpucheck also take any train.py
+setting (the model, the data, --preset, --device), which they hand to train.py's own parser. Bad
+input: a one-line error naming the file or flag, exit status 2, no half-written output.
+
+Sections, in order:
+  options and files   the option tables, their parser and --help; run directories; atomic output
+  sar                 Specific and Generic Acceleration Rates of a model θ, with confidence intervals
+  documents           a corpus streamed document by document, and cut into windows as train.py does
+  weights             per-source shares, concentration, snippets and weight vs loss of a run's α
+  select              score any corpus with α, write the k best documents (or a draw of k), O(k) memory
+  compare             steps and seconds to a target specific loss, speedups over the baseline
+  table               every method × seed (× specific set) by train.py, assembled into Table 2 or 3
+  bench               ms/step, ratio to the baseline, peak memory and scoring cost, in one process
+  gpucheck            tests/test_cuda.py, short paper-preset runs and the bench, as one JSON report
 """
 
-import gzip
-import heapq
-import json
-import math
-import os
-import random
-import signal
-import subprocess
-import sys
-import tempfile
-import time
-import zlib
+import contextlib, gzip, heapq, importlib.util, inspect, itertools, json, math, os, platform, random, re
+import resource, signal, subprocess, sys, tempfile, time
 from collections import Counter
 
 import numpy as np
@@ -37,147 +41,167 @@ from tqdm import tqdm
 import bilevel
 import data
 import train
-from model import ByteLM, ModelConfig
-from weighter import score
+import weighter
+from weighter import Weighter, score
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-class DiagnoseError(Exception):
-    """Bad input. str(e) is one line."""
+class DiagnoseError(data.DataError):
+    """Bad input. str(e) is one line that names the file or flag."""
+
+
+def need(ok, message):
+    """Bad input unless ok: a one-line DiagnoseError (as train.py's checks)."""
+    if not ok:
+        raise DiagnoseError(message)
 
 
 # -----------------------------------------------------------------------------------------------
-# options: `--key=value` checked against typed defaults, like train.py
+# options and files
+#
+# Each subcommand has one table, option=(default, one-line meaning). The parser checks a value
+# against its default's type (train.cast, as train.py does) and --help prints the table, so the help
+# cannot drift from the code. Subcommands that train or time models pass any other train.py setting
+# through, untouched, to train.py's own parser.
 
-def parse_options(argv, defaults, sub, train_keys=False):
-    """→ (options, train_argv). With train_keys, any train.py setting not in `defaults` is passed
-    through untouched (as a list of `--key=value` strings) for train.py's own parser."""
-    opts, passthrough = dict(defaults), []
+def parse_options(argv, table, sub, train_settings):
+    """argv → (options, [--key=value strings for train.py]), or a one-line DiagnoseError."""
+    opts, passthrough = {key: default for key, (default, _) in table.items()}, []
     for arg in argv:
-        if not arg.startswith("--"):
-            raise DiagnoseError(f"{arg}: expected --key=value")
         key, eq, val = arg[2:].partition("=")
-        if key in defaults:
-            if not eq and not isinstance(defaults[key], bool):
-                raise DiagnoseError(f"--{key}: expected --{key}=VALUE")
-            opts[key] = train.cast(key, val if eq else "True", defaults[key])
-        elif train_keys and key in train.config_keys:
+        what = f"--{key}: unknown option" if arg.startswith("--") else f"{arg}: expected --key=value"
+        need(arg.startswith("--") and (key in table or train_settings and key in train.config_keys),
+             f"{what} of `{sub}` (see python diagnose.py {sub} --help)")
+        if key not in table:
             passthrough.append(arg)
         else:
-            raise DiagnoseError(f"--{key}: unknown setting for `{sub}`")
+            need(eq or isinstance(opts[key], bool), f"--{key}: expected --{key}=VALUE")
+            opts[key] = train.cast(key, val if eq else "True", table[key][0])
     return opts, passthrough
 
 
+def help_text(sub=None):
+    """`python diagnose.py --help`: the subcommands, one line each (their docstring's first line).
+    `python diagnose.py SUB --help`: SUB's docstring, then every option with its default and meaning."""
+    if sub is None:
+        rows = [f"  {s:<9} {fn.__doc__.splitlines()[0]}" for s, (fn, _, _) in COMMANDS.items()]
+        return "\n".join(["usage: python diagnose.py SUBCOMMAND --key=value ...\n\nsubcommands:", *rows,
+                          "\n`python diagnose.py SUBCOMMAND --help`: its options, defaults and meanings."])
+    fn, table, train_settings = COMMANDS[sub]
+    lines = [f"usage: python diagnose.py {sub} --key=value ...\n", inspect.cleandoc(fn.__doc__), "\noptions:"]
+    lines += [f"  {f'--{key}={default}':<28} {meaning}" for key, (default, meaning) in table.items()]
+    return "\n".join(lines + ["\nAny train.py setting is accepted too (the model, the data, --preset, "
+                              "--device): see `python train.py --help`."] * train_settings)
+
+
 def train_defaults():
+    """train.py's settings and their defaults: its config block."""
     return {k: getattr(train, k) for k in train.config_keys}
 
 
-def load_ckpt(path, flag="--ckpt"):
-    """A train.py checkpoint (a ckpt.pt, or a run directory holding one) → its dict."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "ckpt.pt")
-    return train.read_checkpoint(path, flag)
-
-
-def read_log(run):
-    """A run's log.jsonl → list of records (a torn last line of a running job is skipped)."""
-    path = os.path.join(run, "log.jsonl")
-    if not os.path.isdir(run):
-        raise DiagnoseError(f"--run: no such run directory: {run}")
-    if not os.path.isfile(path):
-        raise DiagnoseError(f"{run}: no log.jsonl (not a train.py run directory?)")
-    out = []
-    with open(path) as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-    return out
-
-
 def read_json(path):
+    """A JSON file's value, or None when there is no such file."""
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        return json.load(open(path))
+    except ValueError:
+        raise DiagnoseError(f"{path}: not valid JSON") from None
 
 
-def run_config(run):
+def read_run(run):
+    """A train.py run directory → (its log.jsonl records, its config completed with today's defaults
+    for the settings it predates). A torn last log line, of a run still writing, is skipped."""
     cfg = read_json(os.path.join(run, "config.json"))
-    if cfg is None:
-        raise DiagnoseError(f"{run}: no config.json (not a train.py run directory?)")
-    return {**train_defaults(), **cfg}
+    need(cfg is not None and os.path.isfile(os.path.join(run, "log.jsonl")),
+         f"{run}: not a train.py run directory (no config.json and log.jsonl)")
+    records = []
+    for line in open(os.path.join(run, "log.jsonl")):
+        with contextlib.suppress(ValueError):
+            records.append(json.loads(line))
+    return records, {**train_defaults(), **cfg}
 
 
-def main_model(cfg, state=None):
-    """θ: the ByteLM of a config, with a checkpoint's weights if given, in eval mode (no dropout)."""
-    keys = ("n_layer", "n_head", "n_embd", "n_hidden", "seq_len", "dropout")
-    model = ByteLM(ModelConfig(**{k: cfg[k] for k in keys}))
-    if state is not None:
-        model.load_state_dict(state)
-    return model.eval()
-
-
-def snippet(x, width=90):
-    """A window of bytes → one printable line."""
-    text = bytes(x).rstrip(b"\0").decode("utf-8", errors="replace")
-    return "".join(c if c.isprintable() else " " for c in text)[:width]
+def save(path, what):
+    """Write `what` (text, a JSON-able dict, or a function that writes the path it is given) to path
+    through a temporary file renamed at the end (train.atomic_write): a reader never sees half a
+    file, a failure leaves none, and open() gives the file the umask's permissions (0644 under the
+    usual 022; tempfile's would be 0600)."""
+    if not callable(what):
+        text = what if isinstance(what, str) else json.dumps(what, indent=1) + "\n"
+        what = lambda p: open(p, "w", encoding="utf-8").write(text)      # closed as it goes out of scope
+    try:
+        train.atomic_write(path, what)
+    finally:                   # after a failure: no temporary file left behind
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
 
 
 def markdown(header, rows):
+    """A markdown table: a header row, then one row per list of cells."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def fmt(v, spec=".3f", none="—"):
+    """A number in a table cell; `none` for a missing one."""
+    return none if v is None else format(v, spec)
 
 
 # -----------------------------------------------------------------------------------------------
 # sar: Specific and Generic Acceleration Rates (section 6.3, Table 8)
 #
-#   a_norm(x, B) = ∇ℓ(x; θ)ᵀ ∇ℓ(B; θ) / ‖∇ℓ(B; θ)‖,     ℓ(B; θ) = (1/|B|) Σ_{x'∈B} ℓ(x'; θ)
+# Will data selection help? To first order, a step on a batch B changes the loss of an example x
+# by −η ∇ℓ(x; θ)ᵀ∇ℓ(B; θ): the batches that help x are those whose gradient aligns with x's.
+#   a_norm(x, B) = ∇ℓ(x; θ)ᵀ ∇ℓ(B; θ) / ‖∇ℓ(B; θ)‖,    ℓ(B; θ) = (1/|B|) Σ_{x'∈B} ℓ(x'; θ)
 #   SAR = E_{x~D_specific, B_specific, B_generic} 1{a_norm(x, B_specific) > a_norm(x, B_generic)}
 #   GAR = E_{x~D_generic,  B_specific, B_generic} 1{a_norm(x, B_generic) > a_norm(x, B_specific)}
-#
-# The inner products for a whole batch of x are one backward pass each (bilevel.per_example_dot):
-# no per-example gradient is ever formed.
+# The inner products of a whole batch of x are one backward pass each (bilevel.per_example_dot): no
+# per-example gradient is ever formed.
 
-SAR_OPTIONS = dict(ckpt="", pretrain_steps=300, draws=20, n_examples=64, out_json="", save_ckpt="")
-
-
-def unit_batch_grad(model, theta, x_batch):
-    """∇ℓ(B; θ) / ‖∇ℓ(B; θ)‖ for the batch mean loss ℓ(B; θ), as a parameter-shaped dict."""
-    g, _ = bilevel.grad_at(model, theta, x_batch)
-    norm = bilevel.dot(g, g).sqrt()
-    return {k: t / norm for k, t in g.items()}
+SAR_OPTIONS = dict(
+    ckpt=("", "θ from this train.py checkpoint (ckpt.pt or run directory); else pretrained here"),
+    pretrain_steps=(300, "without --ckpt: baseline steps on the generic data that give θ"),
+    draws=(20, "draws of (B_specific, B_generic, held-out examples x)"),
+    n_examples=(64, "held-out examples x of each kind per draw"),
+    out_json=("", "also write the rates and their intervals here"),
+    save_ckpt=("", "without --ckpt: save the pretrained θ here, for later `sar --ckpt=...`"))
+# what the rates mean (paper, section 6.3), printed under them
+SAR_READING = """\
+SAR: the share of specific examples whose gradient aligns better with a specific batch than with a generic
+one; GAR: the share of generic examples aligned better with the generic batch (chance: 50%). High SAR with
+a lower GAR: the specific loss is hard to improve from generic data as it comes, which is where data
+selection helps. Both near 50%: generic batches help as much, or the first-order view cannot tell them
+apart, and bilevel selection is unlikely to help. Paper, Table 8: language modelling (C4 -> Reuters)
+SAR 86.2%, GAR 69.4%; image classification, where selection did not help, 50.3%, 49.8%."""
 
 
 def alignments(model, x, B_specific, B_generic):
     """(a_norm(x, B_specific), a_norm(x, B_generic)) for every row of x: (n,), (n,)."""
     theta = bilevel.theta_of(model)
-    u_specific = unit_batch_grad(model, theta, B_specific)
-    u_generic = unit_batch_grad(model, theta, B_generic)
-    _, a_specific = bilevel.per_example_dot(model, theta, x, u_specific)   # (n,)
-    _, a_generic = bilevel.per_example_dot(model, theta, x, u_generic)     # (n,)
-    return a_specific, a_generic
+    # u(B) = ∇ℓ(B; θ) / ‖∇ℓ(B; θ)‖, parameter-shaped, from g = ∇ℓ(B; θ)
+    unit = lambda g: {k: t / bilevel.dot(g, g).sqrt() for k, t in g.items()}
+    # a_norm(x, B) = ∇ℓ(x; θ)ᵀ u(B): (n,) for each batch, one backward pass each
+    return tuple(bilevel.per_example_dot(model, theta, x, unit(bilevel.grad_at(model, theta, B)[0]))[1]
+                 for B in (B_specific, B_generic))
 
 
 def acceleration_indicators(model, x_specific, x_generic, B_specific, B_generic):
     """One draw of (B_specific, B_generic): the SAR indicators over x_specific (n_s,) and the GAR
-    indicators over x_generic (n_g,), both bool."""
+    indicators over x_generic (n_g,), both bool: the batch of x's own kind helps x more."""
     a_s, a_g = alignments(model, torch.cat([x_specific, x_generic]), B_specific, B_generic)  # (n_s + n_g,)
     n_s = len(x_specific)
-    sar = a_s[:n_s] > a_g[:n_s]       # specific x: the specific batch helps it more
-    gar = a_g[n_s:] > a_s[n_s:]       # generic x: the generic batch helps it more
-    return sar, gar
+    return a_s[:n_s] > a_g[:n_s], a_g[n_s:] > a_s[n_s:]
 
 
 def wilson(k, n, z=1.96):
     """95% Wilson score interval of a binomial rate k/n (treats every indicator as independent)."""
     if n == 0:
         return float("nan"), float("nan")
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    p, c = k / n, z * z / n
+    # (p + z²/2n ± z √(p(1−p)/n + z²/4n²)) / (1 + z²/n)
+    centre, half = (p + c / 2) / (1 + c), z * math.sqrt(p * (1 - p) / n + c / (4 * n)) / (1 + c)
     return centre - half, centre + half
 
 
@@ -194,259 +218,192 @@ def bootstrap_over_draws(ind, n_boot=2000, seed=0):
 def rate_summary(ind):
     """ind: (draws, n) bool → {rate, bootstrap CI, Wilson CI, n}."""
     k, n = int(ind.sum()), ind.numel()
-    return {"rate": k / n, "ci95_bootstrap_draws": bootstrap_over_draws(ind), "ci95_wilson": wilson(k, n), "n": n}
+    return dict(rate=k / n, ci95_bootstrap_draws=bootstrap_over_draws(ind), ci95_wilson=wilson(k, n), n=n)
 
 
 def sar_setup(opts, train_argv):
-    """(ctx, where θ came from): train.py's data/model machinery, θ from --ckpt or pretrained here."""
-    if opts["ckpt"]:
-        st = load_ckpt(opts["ckpt"])
-        cfg, defaults = {**train_defaults(), **st["config"]}, train_defaults()
-        for arg in train_argv:            # explicit settings override the checkpoint's (e.g. --specific)
-            key, _, val = arg[2:].partition("=")
-            if key == "preset":
-                raise DiagnoseError("--preset: not used with --ckpt (the checkpoint's own config is)")
-            cfg[key] = train.cast(key, val, defaults[key])
-        cfg.update(method="baseline", resume=False)
-        ctx = train.setup(cfg)
+    """(ctx, where θ came from, its training steps): train.py's data and model, θ read from --ckpt or
+    pretrained here on uniform generic data (the paper's θ_t, "trained on the generic distribution
+    for t steps") with train.py's own step and learning-rate schedule."""
+    ckpt, steps = opts["ckpt"], opts["pretrain_steps"]
+    if ckpt:
+        need(not any(a.startswith("--preset=") for a in train_argv), "--preset: not with --ckpt (it has one)")
+        st = train.read_checkpoint(os.path.join(ckpt, "ckpt.pt") if os.path.isdir(ckpt) else ckpt, "--ckpt")
+        need("model" in st and "config" in st, f"--ckpt: {ckpt} holds no model θ (a weighters/ snapshot?)")
+        # the checkpoint's settings, and the ones given here over them (e.g. another --specific)
+        defaults = {**train_defaults(), **st["config"], "preset": "", "resume": False}
+        ctx, steps = train.setup(train.parse_args(train_argv + ["--method=baseline"], defaults)), st["step"]
         ctx.model.load_state_dict(st["model"])
-        return ctx, f"{opts['ckpt']} (step {st.get('step')})"
-    # a model pretrained here on uniform generic data (the paper's θ_t "trained on the generic
-    # distribution for t steps"), with train.py's own step and schedule
-    cfg = train.parse_args(train_argv + ["--method=baseline", f"--max_steps={opts['pretrain_steps']}",
-                                         "--finetune_steps=0"], train_defaults())
+        return ctx, f"{ckpt} (step {steps})", steps
+    cfg = train.parse_args(train_argv + ["--method=baseline", f"--max_steps={steps}", "--finetune_steps=0"],
+                           train_defaults())
     ctx = train.setup(cfg)
-    for step in tqdm(range(opts["pretrain_steps"]), desc="pretrain (baseline)", leave=False, disable=None):
+    for step in tqdm(range(steps), desc="pretrain (baseline)", leave=False, disable=None):
         for group in ctx.opt.param_groups:
             group["lr"] = train.lr_at(step, cfg)
         ctx.step = step
         train.step_baseline(ctx, step)
-    if opts["save_ckpt"]:    # θ_t for later `sar --ckpt=...` calls (pretraining never reads the specific set)
-        st = {"step": opts["pretrain_steps"], "config": cfg, "model": ctx.model.state_dict()}
-        train.atomic_write(opts["save_ckpt"], lambda p: torch.save(st, p))
-    return ctx, f"baseline pretrained here for {opts['pretrain_steps']} steps"
+    if opts["save_ckpt"]:    # θ_t for later `sar --ckpt=...` (pretraining never reads the specific set)
+        st = {"step": steps, "config": cfg, "model": ctx.model.state_dict()}
+        save(opts["save_ckpt"], lambda p: torch.save(st, p))
+    return ctx, f"baseline pretrained here for {steps} steps", steps
 
 
-def cmd_sar(argv):
-    opts, train_argv = parse_options(argv, SAR_OPTIONS, "sar", train_keys=True)
-    if opts["draws"] < 1 or opts["n_examples"] < 1:
-        raise DiagnoseError("--draws and --n_examples: must be positive")
-    ctx, origin = sar_setup(opts, train_argv)
-    if len(ctx.specifics) > 1:
-        raise DiagnoseError("--specific: sar takes one specific set")
-    cfg, model, b, n = ctx.cfg, ctx.model.eval(), ctx.cfg["batch_size"], opts["n_examples"]
-    spec, gen = ctx.specifics[0], ctx.generic
+def cmd_sar(opts, train_argv):
+    """will data selection help? Specific and Generic Acceleration Rates of θ (section 6.3)
+
+    θ is a baseline model pretrained here on the generic data (--pretrain_steps), or read from
+    --ckpt. Each draw takes fresh batches B_specific, B_generic of b = --batch_size training examples
+    and fresh held-out examples; prints both rates with 95% intervals and what they mean."""
+    need(opts["draws"] > 0 and opts["n_examples"] > 0, "--draws and --n_examples: must be positive")
+    ctx, origin, steps = sar_setup(opts, train_argv)
+    need(len(ctx.specifics) == 1, "--specific: sar takes one specific set")
+    if steps < 200:      # a θ this close to its initialisation: the rates say little about training
+        print(f"warning: θ trained {steps} steps (< 200): the rates are not meaningful yet", file=sys.stderr)
+    cfg, b, n, spec, gen = ctx.cfg, ctx.cfg["batch_size"], opts["n_examples"], ctx.specifics[0], ctx.generic
     g = torch.Generator().manual_seed(cfg["seed"] + 1000)
-    draw = lambda ex, k: ex.x[torch.randint(len(ex), (k,), generator=g)].to(ctx.device)  # k uniform rows
-    sar, gar = [], []
-    for _ in tqdm(range(opts["draws"]), desc="SAR/GAR draws", leave=False, disable=None):
-        # fresh training batches B_specific, B_generic and fresh held-out x of both kinds
-        B_specific, B_generic = draw(spec.train, b), draw(gen.train, b)       # (b, T) each
-        x_specific, x_generic = draw(spec.valid, n), draw(gen.valid, n)       # (n, T) each
-        s, r = acceleration_indicators(model, x_specific, x_generic, B_specific, B_generic)
-        sar.append(s.cpu())
-        gar.append(r.cpu())
-    res = {"sar": rate_summary(torch.stack(sar)), "gar": rate_summary(torch.stack(gar)),
-           "theta": origin, "generic": cfg["generic"] or "builtin", "specific": cfg["specific"] or "builtin",
-           "batch_size": b, "draws": opts["draws"], "n_examples_per_draw": n}
+    draw = lambda ex, k: ex.x[torch.randint(len(ex), (k,), generator=g)].to(ctx.device)  # (k, T) uniform rows
+    # each draw: fresh held-out x (n, T) of both kinds, fresh training batches B_specific, B_generic (b, T)
+    batches = lambda: (draw(spec.valid, n), draw(gen.valid, n), draw(spec.train, b), draw(gen.train, b))
+    draws = tqdm(range(opts["draws"]), desc="SAR/GAR draws", leave=False, disable=None)
+    ind = [acceleration_indicators(ctx.model.eval(), *batches()) for _ in draws]
+    res = dict(sar=rate_summary(torch.stack([s.cpu() for s, _ in ind])), theta=origin, theta_steps=steps,
+               gar=rate_summary(torch.stack([r.cpu() for _, r in ind])), generic=cfg["generic"] or "builtin",
+               specific=cfg["specific"] or "builtin", batch_size=b, draws=len(ind), n_examples_per_draw=n)
     for name in ("sar", "gar"):
-        r = res[name]
-        lo, hi = r["ci95_bootstrap_draws"]
-        wlo, whi = r["ci95_wilson"]
+        r, (lo, hi), (wlo, whi) = res[name], res[name]["ci95_bootstrap_draws"], res[name]["ci95_wilson"]
         print(f"{name.upper()} {100 * r['rate']:5.1f}%  95% CI {100 * lo:.1f}-{100 * hi:.1f} (bootstrap over "
               f"{opts['draws']} draws; Wilson {100 * wlo:.1f}-{100 * whi:.1f} over {r['n']} examples)")
-    print(f"θ: {origin} | |B| = {b} | paper Table 8, LM (c4, reuters): SAR 86.2%, GAR 69.4%; chance = 50%")
+    print(f"θ: {origin} | |B| = {b}\n\n{SAR_READING}")
     if opts["out_json"]:
-        train.atomic_write(opts["out_json"], lambda p: json.dump(res, open(p, "w"), indent=1))
+        save(opts["out_json"], res)
     return 0
 
 
 # -----------------------------------------------------------------------------------------------
-# streaming documents (select, weights): file by file, record by record, never a whole corpus
+# documents: a corpus streamed file by file, record by record, never whole in memory (for select)
 
-def iter_documents(spec, flag="--input"):
-    """(text, source, split, bytes) for every non-empty document of a corpus spec, in train.py's
-    reading order. `text` is the raw text (for writing out); `bytes` its normalised encoding, what
-    the models read. Uses data.py's readers, so the same files and records are accepted."""
+def documents(spec, flag="--input"):
+    """(bytes, source, split, text) of every non-empty document of a corpus spec, in train.py's
+    reading order: `text` as read (what select writes out), `bytes` its normalised encoding (what
+    the models read). data.read_documents reads them, so the same files and records pass."""
     for path in data.resolve_files(spec, flag):
-        if not data._suffix(path):
-            raise data.DataError(f"{path}: unsupported file type (expected .txt, .jsonl or .jsonl.gz)")
-        reader = data._read_txt if path.endswith(".txt") else data._read_jsonl
-        try:
-            for text, source, split in reader(path):
-                b = data.encode(text)
-                if b and not b.isspace():
-                    yield text, source, split or data.hash_split(b), b
-        except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-            raise data.DataError(f"{path}: not a valid gzip file ({' '.join(str(e).split())})") from None
-        except OSError as e:
-            raise data.DataError(f"{path}: cannot read: {e.strerror or e}") from None
+        yield from data.read_documents(path, with_text=True)
 
 
-def as_rows(chunk, seq_len):
-    """Windows from data.windows → (n, seq_len) uint8 tensor."""
-    return torch.frombuffer(bytearray(chunk), dtype=torch.uint8).view(-1, seq_len)
-
-
-def reservoir_windows(spec, seq_len, doc_mode, split, n, seed):
-    """A uniform sample of n windows (examples, as train.py makes them) of one split: reservoir
-    sampling (Algorithm R), memory O(n). → (x (n, T) uint8, [source, ...])."""
-    rng, keep, i = random.Random(seed), [], 0
-    for _, source, s, b in iter_documents(spec, "--generic"):
-        if s != split:
-            continue
-        for row in as_rows(data.windows(b, seq_len, doc_mode)[0], seq_len):
-            if len(keep) < n:
-                keep.append((row, source))
-            else:
-                j = rng.randrange(i + 1)
-                if j < n:
-                    keep[j] = (row, source)
-            i += 1
-    if not keep:
-        raise DiagnoseError(f"{spec}: no {split} examples")
-    return torch.stack([r for r, _ in keep]), [s for _, s in keep]
+def doc_windows(b, seq_len, how):
+    """A document's windows as train.py cuts them (data.windows; "first": its first seq_len bytes,
+    the paper's example; "chunk": all of them) → (n, seq_len) uint8."""
+    return torch.frombuffer(bytearray(data.windows(b, seq_len, how)[0]), dtype=torch.uint8).view(-1, seq_len)
 
 
 # -----------------------------------------------------------------------------------------------
 # weights: what the weighting network learned
 
-WEIGHTS_OPTIONS = dict(run="", n_examples=2000, n_snippets=5, bins=10, seed=0, plot="")
+WEIGHTS_OPTIONS = dict(
+    run=("", "a train.py run directory"),
+    n_examples=(2000, "generic valid examples scored by α (a uniform sample)"),
+    n_snippets=(5, "highest- and lowest-weighted examples shown"),
+    bins=(10, "score bins of the weight-vs-loss table"),
+    seed=(0, "seed of the sample"),
+    plot=("", "also draw the shares and the losses into this PNG file (needs matplotlib)"))
 
 
-def share_tables(records, method):
-    """Per-source share of trained-on examples at each evaluation and at the end, vs base rate."""
-    recs = [r for r in records if r.get("source_share")]
+def share_tables(records, cfg):
+    """Per-source share of trained-on examples at (up to 6) evaluations, against the base rate; and
+    the concentration of w over B_generic^big (effective sample size, max weight)."""
+    recs, B = [r for r in records if r.get("source_share")], cfg["big_batch_size"]
     if not recs:
         print("\nno per-source shares in log.jsonl (this method does not select generic examples)")
-        return
-    cols = recs if len(recs) <= 6 else [recs[round(i * (len(recs) - 1) / 5)] for i in range(6)]
-    final = recs[-1]["source_share"]
-    order = sorted(final, key=lambda s: -final[s]["share"] / max(final[s]["base"], 1e-12))
-    what = "λ (per-source weight)" if method == "scalebio" else "share of the examples trained on"
-    print(f"\n## {what} per source, over pretraining (sorted by final share / base rate)")
-    header = ["source", "base"] + [f"step {r['step']}" for r in cols] + ["final / base"]
-    rows = [[s, f"{final[s]['base']:.3f}"] + [f"{r['source_share'][s]['share']:.3f}" for r in cols]
-            + [f"{final[s]['share'] / max(final[s]['base'], 1e-12):.2f}x"] for s in order]
-    print(markdown(header, rows))
-
-
-def concentration_table(records, cfg):
-    """ESS and max weight of w over B_generic^big, with the losses, at each evaluation."""
-    recs = [r for r in records if "ess" in r]
-    if not recs:
-        return
-    print(f"\n## concentration of w(x; α) over B_generic^big (|B| = {cfg['big_batch_size']}; uniform: "
-          f"ESS = |B|, max weight = {1 / cfg['big_batch_size']:.4f})")
-    rows = [[r["step"], f"{r['ess']:.1f}", f"{r['ess'] / cfg['big_batch_size']:.3f}", f"{r['max_weight']:.4f}",
-             f"{r['specific_valid_loss']:.3f}", f"{r['generic_valid_loss']:.3f}"] for r in recs]
-    print(markdown(["step", "ESS", "ESS / |B|", "max weight", "specific valid", "generic valid"], rows))
-
-
-def ranks(a):
-    """Ranks 0..n-1 of a 1-d array, ties sharing their mean rank (for Spearman's ρ)."""
-    a = np.asarray(a, dtype=np.float64)
-    r = np.empty(len(a))
-    r[np.argsort(a, kind="mergesort")] = np.arange(len(a))
-    _, inv, counts = np.unique(a, return_inverse=True, return_counts=True)
-    return (np.bincount(inv, weights=r) / counts)[inv]
-
-
-def correlations(a, b):
-    """(Pearson r, Spearman ρ) of two 1-d arrays."""
-    return float(np.corrcoef(a, b)[0, 1]), float(np.corrcoef(ranks(a), ranks(b))[0, 1])
+    else:
+        cols = recs if len(recs) <= 6 else [recs[round(i * (len(recs) - 1) / 5)] for i in range(6)]
+        final = recs[-1]["source_share"]
+        ratio = lambda s: final[s]["share"] / max(final[s]["base"], 1e-12)     # final share ÷ base rate
+        what = "λ (per-source weight)" if cfg["method"] == "scalebio" else "share of the examples trained on"
+        rows = [[s, f"{final[s]['base']:.3f}"] + [f"{r['source_share'][s]['share']:.3f}" for r in cols]
+                + [f"{ratio(s):.2f}x"] for s in sorted(final, key=lambda s: -ratio(s))]
+        print(f"\n## {what} per source, over pretraining (sorted by final share / base rate)\n"
+              + markdown(["source", "base"] + [f"step {r['step']}" for r in cols] + ["final / base"], rows))
+    # ESS = (Σ w)² / Σ w² over B_generic^big: |B| for uniform weights, 1 for a one-hot
+    rows = [[r["step"], f"{r['ess']:.1f}", f"{r['ess'] / B:.3f}", f"{r['max_weight']:.4f}"]
+            + [fmt(r.get(k + "_valid_loss")) for k in ("specific", "generic")] for r in records if "ess" in r]
+    if rows:
+        print(f"\n## concentration of w(x; α) over B_generic^big (|B| = {B}; uniform: ESS = |B|, max weight "
+              f"= {1 / B:.4f})\n" + markdown(["step", "ESS", "ESS / |B|", "max weight", "specific valid",
+                                             "generic valid"], rows))
 
 
 def weighter_report(run, cfg, opts):
-    """Score a sample of generic valid examples with the run's α: snippets, per source, vs loss."""
-    st = load_ckpt(run)
+    """A uniform sample of generic valid examples scored by the run's α: the highest- and lowest-
+    scored, and how the score s(x; α) goes with the loss ℓ(x; θ) of the run's θ."""
     try:
-        weighter, _ = train.load_weighter(os.path.join(run, "ckpt.pt"))
-    except train.ConfigError as e:
-        print(f"\nno text-scoring weighting network to inspect ({str(e).split(': ', 1)[-1]})")
-        return None
-    if cfg["generic"]:
-        x, sources = reservoir_windows(cfg["generic"], cfg["seq_len"], cfg["doc_mode"], "valid",
-                                       opts["n_examples"], opts["seed"])
-    else:   # the built-in synthetic corpus: rebuilt from the run's seed
-        g = data.builtin_corpora(cfg["seed"], cfg["seq_len"])[0].valid
-        idx = torch.randperm(len(g), generator=torch.Generator().manual_seed(opts["seed"]))[:opts["n_examples"]]
-        x, sources = g.x[idx], [g.sources[i] for i in g.source_id[idx].tolist()]
-    s = score(weighter, x)                                                       # (n,) s(x; α)
+        alpha, st = weighter.load_weighter(run, "--run")
+    except data.DataError as e:
+        return print(f"\nno text-scoring weighting network to inspect ({str(e).split(': ', 1)[-1]})")
+    # the run's data and model, as train.py builds them (on this machine's CPU)
+    ctx = train.setup({**cfg, "method": "baseline", "device": "cpu", "compile": False})
+    ctx.model.load_state_dict(st["model"])
+    g, step = ctx.generic.valid, st["step"]
+    idx = torch.randperm(len(g), generator=torch.Generator().manual_seed(opts["seed"]))[:opts["n_examples"]]
+    x, sources = g.x[idx], [g.sources[i] for i in g.source_id[idx].tolist()]       # (n, T)
     with torch.no_grad():
-        model = main_model(cfg, st["model"])
-        loss = torch.cat([model(x[i:i + 256]) for i in range(0, len(x), 256)])   # (n,) ℓ(x; θ)
-    step = st.get("step") or 0
-    phase = (f"after {step - cfg['max_steps']} fine-tuning steps" if step > cfg["max_steps"] else
-             "end of pretraining" if step == cfg["max_steps"] else "mid-pretraining")
+        loss = torch.cat([ctx.model.eval()(x[i:i + 256]) for i in range(0, len(x), 256)])   # (n,) ℓ(x; θ)
+    s = score(alpha, x)                                                                 # (n,) s(x; α)
     print(f"\n## {len(x)} generic valid examples scored by α (score s = log w + const), ℓ by θ at step "
-          f"{step} ({phase})")
-    order = torch.argsort(s, descending=True)
-    k = opts["n_snippets"]
-    for title, idx in (("highest", order[:k]), ("lowest", order[-k:])):
+          f"{step} (pretraining: {cfg['max_steps']} steps)")
+    order, k = torch.argsort(s, descending=True).tolist(), opts["n_snippets"]
+    for title, top in (("highest", order[:k]), ("lowest", order[-k:])):
         print(f"\n{title}-weighted:")
-        for i in idx.tolist():
-            print(f"  s={s[i]:+.3f} ℓ={loss[i]:.2f} {sources[i]:>22s} | {snippet(x[i])}")
-    by_source = {}
-    for src, v in zip(sources, s.tolist()):
-        by_source.setdefault(src, []).append(v)
-    print("\nmean score per source in the sample:")
-    print(markdown(["source", "n", "mean s"], [[src, len(v), f"{np.mean(v):+.3f}"] for src, v in
-                                              sorted(by_source.items(), key=lambda kv: -np.mean(kv[1]))]))
-    r, rho = correlations(s.numpy(), loss.numpy())
+        for i in top:        # the window's text (data.encode made newlines and tabs spaces)
+            text = bytes(x[i]).decode(errors="replace")[:80]
+            print(f"  s={s[i]:+.3f} ℓ={loss[i]:.2f} {sources[i]:>22s} | {text}")
+    # Spearman's ρ: Pearson's r of the ranks (ties, rare in floats, broken by order)
+    ranks = lambda v: np.argsort(np.argsort(v.numpy(), kind="stable"))
+    r, rho = float(np.corrcoef(s, loss)[0, 1]), float(np.corrcoef(ranks(s), ranks(loss))[0, 1])
     print(f"\nweight vs loss: Pearson r = {r:+.3f}, Spearman ρ = {rho:+.3f} (of s(x; α) and ℓ(x; θ))")
-    edges = torch.quantile(s, torch.linspace(0, 1, opts["bins"] + 1))
-    b = torch.bucketize(s, edges[1:-1], right=True)                              # (n,) bin of each x
-    rows = []
+    edges = torch.quantile(s, torch.linspace(0, 1, opts["bins"] + 1))            # (bins + 1,) quantiles of s
+    b, rows = torch.bucketize(s, edges[1:-1], right=True), []                    # (n,) the bin of each x
     for j in range(opts["bins"]):
-        m = b == j
-        if m.any():
+        if (m := b == j).any():
             top = Counter(src for src, keep in zip(sources, m.tolist()) if keep).most_common(1)[0][0]
-            rows.append([j + 1, f"{s[m].min():+.3f}..{s[m].max():+.3f}", int(m.sum()), f"{loss[m].mean():.3f}", top])
+            rows.append([j + 1, f"{s[m].min():+.3f}..{s[m].max():+.3f}", int(m.sum()),
+                         f"{loss[m].mean():.3f}", top])
     print(markdown(["score bin", "s range", "n", "mean ℓ", "top source"], rows))
-    return {"pearson": r, "spearman": rho}
 
 
-def plot_run(records, cfg, path):
-    """PNG of the source shares and the loss curves, when matplotlib is installed (optional)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("\n(matplotlib not installed: no plot; the tables above hold the same numbers)")
-        return
+def plot_run(records, path):
+    """PNG of the shares of the examples trained on, for the 8 most up-weighted sources, and of the
+    losses, over the evaluations of the run."""
+    import matplotlib.pyplot as plt     # figures are only saved: any backend, no display needed
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     recs = [r for r in records if r.get("source_share")]
-    if recs:
-        final = recs[-1]["source_share"]
-        top = sorted(final, key=lambda s: -final[s]["share"] / max(final[s]["base"], 1e-12))[:8]
-        for src in top:
-            line, = ax1.plot([r["step"] for r in recs], [r["source_share"][src]["share"] for r in recs], label=src)
-            ax1.axhline(final[src]["base"], color=line.get_color(), ls=":", lw=0.8)
-        ax1.set(xlabel="step", ylabel="share of trained-on examples (dotted: base rate)",
-                title="top sources by share / base")
-        ax1.legend(fontsize=7)
+    final = recs[-1]["source_share"] if recs else {}
+    for src in sorted(final, key=lambda s: -final[s]["share"] / max(final[s]["base"], 1e-12))[:8]:
+        ax1.plot([r["step"] for r in recs], [r["source_share"][src]["share"] for r in recs], label=src)
     for key in ("specific_valid_loss", "generic_valid_loss"):
         ax2.plot([r["step"] for r in records], [r[key] for r in records], label=key)
-    ax2.set(xlabel="step", ylabel="nats / byte", title=f"{cfg['method']}: losses")
-    ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax1.set(xlabel="step", ylabel="share of the examples trained on", title="top sources, by share / base")
+    ax2.set(xlabel="step", ylabel="nats / byte", title="losses")
+    ax1.legend(fontsize=7), ax2.legend(), fig.tight_layout()
+    save(path, lambda p: fig.savefig(p, dpi=120, format="png"))
     print(f"\nplot: {path}")
 
 
-def cmd_weights(argv):
-    opts, _ = parse_options(argv, WEIGHTS_OPTIONS, "weights")
-    if not opts["run"]:
-        raise DiagnoseError("--run: give a train.py run directory")
-    records, cfg = read_log(opts["run"]), run_config(opts["run"])
+def cmd_weights(opts, _):
+    """what a run's α learned: shares per source, concentration, snippets, weight vs loss
+
+    From the run's log.jsonl: each source's share of the examples θ trained on against its share of
+    the generic pool, and the effective sample size of w over B_generic^big. From its checkpoint: a
+    sample of generic valid examples scored by α, with the loss ℓ(x; θ) of each."""
+    need(opts["run"], "--run: give a train.py run directory")
+    need(not opts["plot"] or importlib.util.find_spec("matplotlib"),     # first, not after the report
+         "--plot: needs matplotlib, which is not installed here (pip install matplotlib)")
+    records, cfg = read_run(opts["run"])
     print(f"# {opts['run']}: method {cfg['method']}, {len(records)} evaluations")
-    share_tables(records, cfg["method"])
-    concentration_table(records, cfg)
+    share_tables(records, cfg)
     weighter_report(opts["run"], cfg, opts)
-    if opts["plot"] != "none":
-        plot_run(records, cfg, opts["plot"] or os.path.join(opts["run"], "weights.png"))
+    if opts["plot"]:
+        plot_run(records, opts["plot"])
     return 0
 
 
@@ -455,22 +412,27 @@ def cmd_weights(argv):
 #
 # Bounded memory: the corpus is read document by document, twice. Pass 1 scores every document and
 # keeps only a min-heap of the k best (key, index) pairs, O(k) numbers whatever the corpus size and
-# no text. Pass 2 reads the corpus again and writes the documents whose index was kept, in reading
-# order, to a temporary file that replaces --output at the end (os.replace: atomic).
+# no text. Pass 2 reads the corpus again and writes the kept documents, in reading order.
 #   mode=top:    key = s(x; α), the k highest scores, exactly.
-#   mode=sample: key = s(x; α) + Gumbel noise: the top-k of these is a draw of k documents without
+#   mode=sample: key = s(x; α) + Gumbel noise: the top k of these is a draw of k documents without
 #                replacement, each next one ∝ w(x) = exp(s(x; α)) (Gumbel top-k trick, as the
 #                filter of Algorithm 1, here over the whole corpus instead of one big batch).
-# With --fraction, k = ⌈fraction · N⌉ needs N: it is --max_docs when given, else a counting pass.
+# --max_docs=N reads N documents drawn uniformly over the whole input (a pass 0 counts the documents
+# and draws N indices), not the first N of its first files (that is --first_docs). With --fraction,
+# k = ⌈fraction · N⌉ needs the number N of documents read: a counting pass finds it.
 
-SELECT_OPTIONS = dict(run="", input="", output="", fraction=0.0, sample=0, mode="top", doc_score="first",
-                      max_docs=0, batch=256, seed=0)
-
-
-def doc_windows(b, seq_len, how):
-    """The windows a document's score averages: its first seq_len bytes (how="first", the paper's
-    example) or all its seq_len windows (how="mean"). → (n, T) uint8."""
-    return as_rows(data.windows(b, seq_len, "first" if how == "first" else "chunk")[0], seq_len)
+SELECT_OPTIONS = dict(
+    run=("", "the run (directory, ckpt.pt or weighters/step_N.pt) whose α scores the documents"),
+    input=("", "the corpus: file, directory, glob or comma list of .txt/.jsonl/.jsonl.gz"),
+    output=("", "the selected documents, as JSON lines (.jsonl or .jsonl.gz); never an input file"),
+    fraction=(0.0, "keep this fraction of the documents read, in (0, 1] (or give --sample)"),
+    sample=(0, "keep this many documents (or give --fraction)"),
+    mode=("top", "top: the k highest scores; sample: a draw of k without replacement ∝ exp(s)"),
+    doc_score=("first", "a document's score: s(x; α) of its first window (first) or their mean (mean)"),
+    max_docs=(0, "read only this many documents, drawn uniformly over the whole input; 0 = all"),
+    first_docs=(False, "with --max_docs: the first max_docs documents in reading order instead"),
+    batch=(256, "documents scored together"),
+    seed=(0, "seed of the --max_docs draw and of --mode=sample"))
 
 
 class TopK:
@@ -481,143 +443,102 @@ class TopK:
         self.k, self.heap = k, []
 
     def push(self, key, i, s):
+        """Offer document i: kept if among the k largest keys so far (ties: the smaller index)."""
         item = (key, -i, s)
         if len(self.heap) < self.k:
             heapq.heappush(self.heap, item)
         elif self.heap and item[:2] > self.heap[0][:2]:
             heapq.heapreplace(self.heap, item)
 
-    def shrink(self, k):
-        while len(self.heap) > k:
-            heapq.heappop(self.heap)
-        self.k = k
-
     def kept(self):
         """{document index: score} of the kept documents."""
         return {-i: s for _, i, s in self.heap}
 
 
-def score_documents(weighter, docs, seq_len, how, batch):
-    """(index, source, s) for every document, scoring `batch` documents at a time."""
-    pending = []
-
-    def flush():
-        rows = [doc_windows(b, seq_len, how) for _, _, b in pending]             # [(n_i, T)]
-        s = score(weighter, torch.cat(rows))                                     # (Σ n_i,) in chunks: bounded memory
-        per_doc = torch.stack([c.mean() for c in s.split([len(r) for r in rows])])  # (len(pending),)
-        out = [(i, src, v) for (i, src, _), v in zip(pending, per_doc.tolist())]
-        pending.clear()
-        return out
-
-    for i, (_, source, _, b) in enumerate(docs):
-        pending.append((i, source, b))
-        if len(pending) == batch:
-            yield from flush()
-    if pending:
-        yield from flush()
-
-
-def limited(docs, max_docs):
-    for i, d in enumerate(docs):
-        if max_docs and i >= max_docs:
-            return
-        yield d
+def score_documents(alpha, docs, seq_len, doc_score, n):
+    """(index, source, s) of every (index, document) of docs, n documents scored at a time; a
+    document's s is the mean of s(x; α) over its first window or over all its windows."""
+    docs, how = iter(docs), "first" if doc_score == "first" else "chunk"
+    while todo := [(i, src, doc_windows(b, seq_len, how)) for i, (b, src, *_) in itertools.islice(docs, n)]:
+        s = score(alpha, torch.cat([w for *_, w in todo])).split([len(w) for *_, w in todo])  # [(n_i,)]
+        yield from ((i, src, c.mean().item()) for (i, src, _), c in zip(todo, s))
 
 
 def check_select(opts):
-    for key in ("run", "input", "output"):
-        if not opts[key]:
-            raise DiagnoseError(f"--{key}: required")
-    if opts["mode"] not in ("top", "sample"):
-        raise DiagnoseError(f"--mode: expected top or sample, got {opts['mode']!r}")
-    if opts["doc_score"] not in ("first", "mean"):
-        raise DiagnoseError(f"--doc_score: expected first or mean, got {opts['doc_score']!r}")
-    if (opts["fraction"] > 0) == (opts["sample"] > 0):
-        raise DiagnoseError("--fraction / --sample: give exactly one (a fraction in (0, 1] or a number of documents)")
-    if opts["fraction"] > 1 or opts["sample"] < 0 or opts["max_docs"] < 0 or opts["batch"] < 1:
-        raise DiagnoseError("--fraction must be in (0, 1]; --sample, --max_docs >= 0; --batch >= 1")
-    inputs = {os.path.realpath(p) for p in data.resolve_files(opts["input"], "--input")}
-    out = os.path.realpath(opts["output"])
-    if out in inputs:
-        raise DiagnoseError(f"--output: {opts['output']} is one of the input files; refusing to overwrite it")
-    if os.path.isdir(out):
-        raise DiagnoseError(f"--output: {opts['output']} is a directory")
+    """The options of select, checked before any reading: one-line errors, nothing written."""
+    need(opts["run"] and opts["input"] and opts["output"], "--run, --input and --output: required")
+    for key, choices in (("mode", ("top", "sample")), ("doc_score", ("first", "mean"))):
+        need(opts[key] in choices, f"--{key}: expected {' or '.join(choices)}, got {opts[key]!r}")
+    need((opts["fraction"] > 0) != (opts["sample"] > 0), "--fraction / --sample: give one or the other")
+    need(opts["fraction"] <= 1 and opts["sample"] >= 0 and opts["max_docs"] >= 0 and opts["batch"] >= 1,
+         "--fraction must be in (0, 1]; --sample, --max_docs >= 0; --batch >= 1")
+    out, inputs = os.path.realpath(opts["output"]), data.resolve_files(opts["input"])
+    need(out not in map(os.path.realpath, inputs) and not os.path.isdir(out),
+         f"--output: {opts['output']} is an input file or a directory; not writing it")
+    need(os.path.isdir(os.path.dirname(out)), f"--output: {opts['output']}: no such directory")
 
 
-def write_selected(opts, keep):
-    """Pass 2: the kept documents, in reading order, as JSON lines, written atomically."""
-    path = opts["output"]
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    os.close(fd)
-    try:
-        with (gzip.open if path.endswith(".gz") else open)(tmp, "wt", encoding="utf-8") as f:
-            for i, (text, source, _, _) in enumerate(limited(iter_documents(opts["input"]), opts["max_docs"])):
-                if i in keep:
-                    f.write(json.dumps({"text": text, "source": source, "score": keep[i]}) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def cmd_select(opts, _):
+    """score a corpus with a run's α and write the k best documents (or a draw of k)
 
-
-def cmd_select(argv):
-    opts, _ = parse_options(argv, SELECT_OPTIONS, "select")
+    Any corpus train.py reads (and larger than memory): k = --sample, or --fraction of the documents
+    read. The output holds the documents' text, source and score, in reading order; the report
+    compares each source's share of the selection with its share of the input."""
     check_select(opts)
-    weighter, st = train.load_weighter(opts["run"], flag="--run")
-    seq_len = st["config"].get("seq_len", train.seq_len)     # the windows α was trained on
-    docs = lambda: limited(iter_documents(opts["input"]), opts["max_docs"])
-    if opts["sample"]:
-        k = opts["sample"]
-    elif opts["max_docs"]:
-        k = math.ceil(opts["fraction"] * opts["max_docs"])      # shrunk below if the corpus is smaller
-    else:
-        n = sum(1 for _ in tqdm(docs(), desc="counting documents", unit="doc", leave=False, disable=None))
-        k = math.ceil(opts["fraction"] * n)
-    top, per_source, n_docs = TopK(k), Counter(), 0
+    alpha, st = weighter.load_weighter(opts["run"], flag="--run")
+    # α's windows: seq_len bytes, as the run it comes from trained it
+    seq_len, n_max, chosen = st.get("config", {}).get("seq_len", train.seq_len), opts["max_docs"], None
+    bar = lambda it, what: tqdm(it, desc=what, unit="doc", leave=False, disable=None)
+    if n_max and not opts["first_docs"]:   # pass 0 counts the N documents: n_max of them, drawn uniformly
+        n = sum(1 for _ in bar(documents(opts["input"]), "counting"))
+        chosen = set(random.Random(opts["seed"]).sample(range(n), min(n, n_max)))     # O(n_max) memory
+    # (index, document) of the documents read, in reading order: the chosen ones or the first n_max
+    docs = lambda: itertools.islice(((i, d) for i, d in enumerate(documents(opts["input"]))
+                                     if chosen is None or i in chosen), n_max or None)
+    n_docs = len(chosen) if chosen is not None else sum(1 for _ in bar(docs(), "counting"))
+    top, per_source = TopK(opts["sample"] or math.ceil(opts["fraction"] * n_docs)), Counter()
     gen = torch.Generator().manual_seed(opts["seed"])
-    bar = tqdm(score_documents(weighter, docs(), seq_len, opts["doc_score"], opts["batch"]),
-               desc=f"scoring ({opts['mode']} {k})", unit="doc", disable=None)
-    for i, source, s in bar:
-        per_source[source] += 1
-        n_docs += 1
-        key = s
-        if opts["mode"] == "sample":
-            # key = s + G, G = −log(−log U) a Gumbel draw
-            u = torch.rand((), generator=gen).clamp(1e-20, 1.0).item()
-            key = s - math.log(-math.log(u))
-        top.push(key, i, s)
-    if opts["fraction"]:
-        top.shrink(math.ceil(opts["fraction"] * n_docs))
-    keep = top.kept()
-    write_selected(opts, keep)
-    report_selection(opts, keep, per_source, n_docs)
+    for i, src, s in bar(score_documents(alpha, docs(), seq_len, opts["doc_score"], opts["batch"]), "score"):
+        per_source[src] += 1
+        # mode=sample: key = s + G, G = −log(−log U), U ~ Uniform(0, 1), a Gumbel draw
+        u = torch.rand((), generator=gen).clamp(1e-20, 1.0).item() if opts["mode"] == "sample" else None
+        top.push(s if u is None else s - math.log(-math.log(u)), i, (s, src))
+    keep, opener = top.kept(), gzip.open if opts["output"].endswith(".gz") else open
+
+    def write(tmp):           # pass 2: the kept documents, in reading order, as JSON lines
+        with opener(tmp, "wt", encoding="utf-8") as f:
+            for i, (_, src, _, text) in docs():
+                if i in keep:
+                    f.write(json.dumps({"text": text, "source": src, "score": keep[i][0]}) + "\n")
+    save(opts["output"], write)
+    # every input source's share of the selected documents against its share of the input, the
+    # most enriched first (the top 20 and bottom 5 of many)
+    picked, how = Counter(src for _, src in keep.values()), {"first": "first window", "mean": "windows' mean"}
+    print(f"selected {len(keep)} of {n_docs} documents (mode {opts['mode']}; a document's score: s(x; α) of "
+          f"its {how[opts['doc_score']]}) -> {opts['output']}")
+    share = {src: (picked[src] / max(len(keep), 1), n / n_docs) for src, n in per_source.items()}
+    rows = [[src, picked[src], f"{sel:.3f}", f"{inp:.3f}", f"{sel / inp:.2f}x"]
+            for src, (sel, inp) in sorted(share.items(), key=lambda kv: (-kv[1][0] / kv[1][1], kv[0]))]
+    print(markdown(["source", "selected", "share of selected", "share of input", "ratio"],
+                   rows if len(rows) <= 30 else rows[:20] + [["…"] + [""] * 4] + rows[-5:]))
     return 0
-
-
-def report_selection(opts, keep, per_source, n_docs):
-    """Every input source's share of the selected documents (read back from the output: k records)
-    against its share of the input, the most enriched first (the top 20 and bottom 5 of many)."""
-    chosen, n_sel = Counter(), len(keep)
-    with (gzip.open if opts["output"].endswith(".gz") else open)(opts["output"], "rt", encoding="utf-8") as f:
-        for line in f:
-            chosen[json.loads(line)["source"]] += 1
-    how = "its first window" if opts["doc_score"] == "first" else "the mean over its windows"
-    print(f"selected {n_sel} of {n_docs} documents (mode {opts['mode']}; a document's score = s(x; α) "
-          f"of {how}) -> {opts['output']}")
-    ratio = {src: (chosen[src] / max(n_sel, 1)) / (n / n_docs) for src, n in per_source.items()}
-    order = sorted(per_source, key=lambda src: (-ratio[src], src))      # every input source, the most enriched first
-    if len(order) > 30:
-        order = order[:20] + ["…"] + order[-5:]
-    rows = [[src, "", "", "", ""] if src == "…" else
-            [src, chosen[src], f"{chosen[src] / max(n_sel, 1):.3f}", f"{per_source[src] / n_docs:.3f}", f"{ratio[src]:.2f}x"]
-            for src in order]
-    print(markdown(["source", "selected", "share of selected", "share of input", "ratio"], rows))
 
 
 # -----------------------------------------------------------------------------------------------
 # compare: final losses and time to a target specific loss (the paper's Figure 1)
+#
+#   speedup = (steps, or train seconds, the baseline takes to reach the target) / (the same for a run)
+# The target is the baseline's final pretraining loss unless --target is given. Runs trained on
+# other specific sets have other losses: they are refused unless --force.
 
-COMPARE_OPTIONS = dict(runs="", baseline="", target=0.0, metric="specific_valid_loss", interpolate=True, out="")
+COMPARE_OPTIONS = dict(
+    runs=("", "train.py run directories, comma-separated"),
+    baseline=("", "the reference run; default: the one among --runs whose method is baseline"),
+    target=(0.0, "the target loss; 0 = the baseline's final pretraining value"),
+    metric=("specific_valid_loss", "the logged loss the target applies to"),
+    interpolate=(True, "interpolate between evaluations (else: the first evaluation at or below)"),
+    force=(False, "compare runs trained on different specific sets anyway"),
+    out=("", "also write the table here (markdown) and its numbers next to it (.json)"))
 
 
 def time_to_target(records, target, key="specific_valid_loss", interpolate=True):
@@ -626,78 +547,81 @@ def time_to_target(records, target, key="specific_valid_loss", interpolate=True)
     curve is taken as linear in steps and in elapsed_s (interpolate=True); else the first
     evaluation at or below the target. Before the first evaluation nothing is known: a curve
     already below the target there is credited with that first evaluation's step and time."""
-    prev = None
-    for r in sorted((r for r in records if r.get("phase", "pretrain") == "pretrain"), key=lambda r: r["step"]):
+    prev, pre = None, [r for r in records if r.get("phase", "pretrain") == "pretrain"]
+    for r in sorted(pre, key=lambda r: r["step"]):
         if r[key] <= target:
             if prev is None or not interpolate:
                 return float(r["step"]), float(r["elapsed_s"])
             f = (prev[key] - target) / (prev[key] - r[key])      # in (0, 1]: where the segment crosses
-            return (prev["step"] + f * (r["step"] - prev["step"]),
-                    prev["elapsed_s"] + f * (r["elapsed_s"] - prev["elapsed_s"]))
+            # steps (seconds) = prev + f · (r − prev)
+            return tuple(prev[k] + f * (r[k] - prev[k]) for k in ("step", "elapsed_s"))
         prev = r
     return None, None
 
 
-def final_numbers(run, records):
-    """Final pretraining losses of a run: summary.json when it exists, else its last pretraining eval."""
-    summ = read_json(os.path.join(run, "summary.json")) or {}
-    pre = [r for r in records if r.get("phase", "pretrain") == "pretrain"]
-    last = pre[-1] if pre else {}
+def run_info(run):
+    """A run's records, config and final pretraining numbers: from summary.json when it exists,
+    else from its last pretraining evaluation (a run still going)."""
+    (records, cfg), summ = read_run(run), read_json(os.path.join(run, "summary.json")) or {}
+    last = ([r for r in records if r.get("phase", "pretrain") == "pretrain"] or [{}])[-1]
     get = lambda k: summ.get(k, last.get(k))
-    return {"steps": get("steps") if summ else last.get("step"), "specific_valid_loss": get("specific_valid_loss"),
-            "specific_test_loss": get("specific_test_loss"), "generic_valid_loss": get("generic_valid_loss"),
-            "finetuned": summ.get("specific_test_loss_finetuned"), "ms_per_step": summ.get("ms_per_step"),
-            "last_pretrain": last}
+    return dict(records=records, method=cfg["method"], last_pretrain=last, steps=get("steps") or get("step"),
+                specific_set=(cfg["specific"], cfg["specific_train_docs"]), ms_per_step=get("ms_per_step"),
+                **{k: get(k) for k in ("specific_valid_loss", "specific_test_loss", "generic_valid_loss")},
+                finetuned=summ.get("specific_test_loss_finetuned"))
 
 
-def fmt(v, spec=".3f", none="—"):
-    return none if v is None else format(v, spec)
+def cmd_compare(opts, _):
+    """steps and time to a target specific loss, speedups over the baseline (Figure 1)
 
-
-def cmd_compare(argv):
-    opts, _ = parse_options(argv, COMPARE_OPTIONS, "compare")
-    runs = [r for r in opts["runs"].split(",") if r]
-    if not runs:
-        raise DiagnoseError("--runs: give run directories, comma-separated")
-    info = {}
-    for run in dict.fromkeys(runs + ([opts["baseline"]] if opts["baseline"] else [])):
-        records = read_log(run)
-        info[run] = {"records": records, "method": run_config(run)["method"], **final_numbers(run, records)}
-    base = opts["baseline"] or next((r for r in runs if info[r]["method"] == "baseline"), runs[0])
-    key = opts["metric"]
-    target = opts["target"] or info[base]["last_pretrain"].get(key)
-    if target is None:
-        raise DiagnoseError(f"{base}: no pretraining evaluation to take a target from; give --target")
-    base_steps, base_s = time_to_target(info[base]["records"], target, key, opts["interpolate"])
-    rows, out = [], {"target": target, "metric": key, "baseline": base, "runs": {}}
+    Every run of --runs must have been trained on the baseline's specific set. Prints the final
+    losses of each run, when it reached the target, and its speedup in steps and in seconds."""
+    need(runs := [r for r in opts["runs"].split(",") if r], "--runs: give run directories, comma-separated")
+    info = {run: run_info(run) for run in dict.fromkeys(runs + [opts["baseline"]] * bool(opts["baseline"]))}
+    base = opts["baseline"] or next((r for r in runs if info[r]["method"] == "baseline"), None)
+    need(base, "--baseline: no run of --runs has method baseline; name one with --baseline=RUN")
+    for run, r in info.items():      # (specific, specific_train_docs) of each run against the baseline's
+        need(r["specific_set"] == info[base]["specific_set"] or opts["force"], f"{run}: not the baseline's "
+             f"specific set ({r['specific_set']} vs {info[base]['specific_set']}); --force compares anyway")
+    key, target = opts["metric"], opts["target"] or info[base]["last_pretrain"].get(opts["metric"])
+    need(target is not None, f"{base}: no pretraining evaluation to take a target from; give --target")
+    reach = {run: time_to_target(r["records"], target, key, opts["interpolate"]) for run, r in info.items()}
+    out, rows = {"target": target, "metric": key, "baseline": base, "runs": {}}, []
     for run, r in info.items():
-        steps, secs = time_to_target(r["records"], target, key, opts["interpolate"])
-        sp_steps = base_steps / steps if steps and base_steps else None
-        sp_time = base_s / secs if secs and base_s else None
-        out["runs"][run] = {k: v for k, v in r.items() if k not in ("records", "last_pretrain")}
-        out["runs"][run].update(steps_to_target=steps, seconds_to_target=secs,
-                                speedup_steps=sp_steps, speedup_time=sp_time)
-        rows.append([run + (" (baseline)" if run == base else ""), r["method"], fmt(r["steps"], "d"),
-                     fmt(r["specific_valid_loss"]), fmt(r["specific_test_loss"]), fmt(r["finetuned"]),
-                     fmt(r["ms_per_step"], ".1f"), fmt(steps, ".0f", "not reached"), fmt(secs, ".1f", "not reached"),
-                     fmt(sp_steps, ".2f") + ("x" if sp_steps else ""), fmt(sp_time, ".2f") + ("x" if sp_time else "")])
+        (steps, secs), (base_steps, base_s) = reach[run], reach[base]
+        # speedup = (the baseline's steps, or seconds, to the target) / (this run's)
+        speedup = [b / a if a and b else None for a, b in ((steps, base_steps), (secs, base_s))]
+        out["runs"][run] = {**{k: v for k, v in r.items() if k not in ("records", "last_pretrain")},
+                            "steps_to_target": steps, "seconds_to_target": secs,
+                            "speedup_steps": speedup[0], "speedup_time": speedup[1]}
+        rows.append([run + " (baseline)" * (run == base), r["method"], fmt(r["steps"], "d")]
+                    + [fmt(r[k]) for k in ("specific_valid_loss", "specific_test_loss", "finetuned")]
+                    + [fmt(r["ms_per_step"], ".1f"), fmt(steps, ".0f", "not reached"),
+                       fmt(secs, ".1f", "not reached")] + [fmt(v, ".2f") + "x" * bool(v) for v in speedup])
+    how = "interpolated between evaluations" if opts["interpolate"] else "first evaluation at or below"
     header = ["run", "method", "steps", "specific valid", "specific test", "+ fine-tune test", "ms/step",
               f"steps to {target:.3f}", f"train s to {target:.3f}", "speedup (steps)", "speedup (time)"]
-    how = "interpolated between evaluations" if opts["interpolate"] else "first evaluation at or below"
-    text = (f"Time to reach {key} <= {target:.4f} ({how}; "
-            f"train seconds = elapsed_s, evaluation excluded). Paper, Figure 1: loss 1.3 reached 3.9x faster by "
-            f"Sparse SOBA and 8.5x by frozen weights than by the baseline.\n\n" + markdown(header, rows))
+    text = (f"Time to reach {key} <= {target:.4f} ({how}; train seconds = elapsed_s, evaluation excluded). "
+            f"Paper, Figure 1: loss 1.3 reached 3.9x faster by Sparse SOBA, 8.5x by frozen weights, than by "
+            f"the baseline.\n\n" + markdown(header, rows))
     print(text)
     if opts["out"]:
-        train.atomic_write(opts["out"], lambda p: open(p, "w").write(text + "\n"))
-        train.atomic_write(os.path.splitext(opts["out"])[0] + ".json", lambda p: json.dump(out, open(p, "w"), indent=1))
+        save(opts["out"], text + "\n")
+        save(os.path.splitext(opts["out"])[0] + ".json", out)
     return 0
 
 
 # -----------------------------------------------------------------------------------------------
-# table: every method of Table 2, over seeds, pre-train and fine-tune specific test loss
+# table: every method of Table 2 over seeds, pre-train and fine-tune specific test loss; with
+# --specifics, every method on each specific set of a folder, in Table 3's layout (a column a set)
 
-TABLE_OPTIONS = dict(out_dir="", seeds="0,1", methods="", assemble_only=False, jobs=1)
+TABLE_OPTIONS = dict(
+    out_dir=("", "where the runs (OUT_DIR/METHOD_sSEED), table.md and table.json go"),
+    seeds=("0,1", "seeds, comma-separated"),
+    methods=("", "train.py methods, comma-separated; empty = the methods of Table 2"),
+    specifics=("", "a directory or glob, each file one specific set (Table 3): OUT_DIR/SET/METHOD_sSEED"),
+    assemble_only=(False, "only assemble the table from the finished runs"),
+    jobs=(1, "train.py processes at a time (each gets cores // jobs threads)"))
 # paper, Table 2 (Reuters, specific test log-perplexity in nats/byte): method → (name, pre-train, fine-tune)
 TABLE2 = {"baseline": ("Baseline", 1.198, 0.864), "mixing": ("Mixing", 0.861, 0.847),
           "cds": ("CDS", 1.067, 0.867), "classifier": ("Domain classif.", 1.098, 0.894),
@@ -706,17 +630,16 @@ TABLE2 = {"baseline": ("Baseline", 1.198, 0.864), "mixing": ("Mixing", 0.861, 0.
           "soba": ("Sparse SOBA", 1.019, 0.820)}
 
 
-def train_cmd(method, seed, run_dir, train_argv):
-    """The train.py command line of one run; continues an interrupted run."""
-    cmd = [sys.executable, os.path.join(HERE, "train.py")] + train_argv + [
-        f"--method={method}", f"--seed={seed}", f"--out_dir={run_dir}"]
-    if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
-        cmd.append("--resume=True")
-    return cmd
+def train_cmd(train_argv, run_dir, fresh=False):
+    """The train.py command line of one run into run_dir: it continues the run from its checkpoint,
+    or starts afresh (--overwrite: replacing an earlier attempt that never checkpointed)."""
+    resume = os.path.exists(os.path.join(run_dir, "ckpt.pt")) and not fresh
+    return [sys.executable, os.path.join(HERE, "train.py")] + train_argv + [
+        f"--out_dir={run_dir}", "--resume=True" if resume else "--overwrite=True"]
 
 
-def run_all(todo, train_argv, jobs):
-    """Run (method, seed, run_dir) triples as train.py subprocesses, `jobs` at a time → {(m, s): status}.
+def run_all(todo, jobs):
+    """Run [(label, train.py command, run_dir)] as subprocesses, `jobs` at a time → {label: status}.
 
     One job: its output goes to the terminal. Several: each run writes RUN_DIR/train.out and gets
     cores // jobs threads (two PyTorch processes that each use every core run ~10x slower on a
@@ -725,124 +648,146 @@ def run_all(todo, train_argv, jobs):
     run starts, and rerunning the command continues where they stopped."""
     env = None if jobs == 1 else dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // jobs)))
     status, running, queue, t0 = {}, {}, list(todo), time.time()
-    try:
-        while queue or running:
+    log = lambda what: print(f"[{time.time() - t0:6.0f}s] {what}", flush=True)
+    while queue or running:
+        try:
             while queue and len(running) < jobs:
-                m, s, run_dir = queue.pop(0)
+                label, cmd, run_dir = queue.pop(0)
                 os.makedirs(run_dir, exist_ok=True)
-                cmd = train_cmd(m, s, run_dir, train_argv)
                 out = None if jobs == 1 else open(os.path.join(run_dir, "train.out"), "a")
-                running[m, s] = (subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env=env), out)
-                print(f"[{time.time() - t0:6.0f}s] start {m} seed {s}: " + " ".join(cmd[1:]), flush=True)
+                proc = subprocess.Popen(cmd, stdout=out, stderr=out and subprocess.STDOUT, env=env)
+                running[label] = proc, out
+                log(f"start {label}: " + " ".join(cmd[1:]))
             time.sleep(0.2)
-            for key, (proc, out) in list(running.items()):
+            for label, (proc, out) in list(running.items()):
                 if proc.poll() is not None:
-                    status[key] = proc.returncode
-                    del running[key]
+                    status[label] = proc.returncode
+                    del running[label]
                     out and out.close()
-                    print(f"[{time.time() - t0:6.0f}s] end   {key[0]} seed {key[1]}: status {proc.returncode}", flush=True)
-    except KeyboardInterrupt:
-        for proc, _ in running.values():
-            proc.send_signal(signal.SIGINT)          # a second SIGINT only sets train.py's stop flag again
-        for key, (proc, out) in running.items():
-            status[key] = proc.wait()
-            out and out.close()
-            print(f"[{time.time() - t0:6.0f}s] end   {key[0]} seed {key[1]}: status {proc.returncode} (stopped)", flush=True)
+                    log(f"end   {label}: status {proc.returncode}")
+        except KeyboardInterrupt:    # no new run; the running ones checkpoint and exit
+            queue.clear()
+            for proc, _ in running.values():
+                proc.send_signal(signal.SIGINT)      # a second SIGINT only sets train.py's stop flag again
     return status
 
 
 def mean_std(values):
     """(mean, sample std or None with one value) of the non-missing values, or (None, None)."""
     v = [x for x in values if x is not None]
-    if not v:
-        return None, None
-    return float(np.mean(v)), (float(np.std(v, ddof=1)) if len(v) > 1 else None)
+    return (None, None) if not v else (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else None)
 
 
 def pm(m, s):
+    """mean ± std in a table cell (the mean alone with one seed, — with none)."""
     return "—" if m is None else f"{m:.3f}" + (f" ± {s:.3f}" if s is not None else "")
 
 
 def assemble(out_dir, methods):
-    """Group DIR/METHOD_sSEED/summary.json by method → (rows for table.md, table.json dict)."""
+    """Group DIR/METHOD_sSEED/summary.json by method → (rows of Table 2, {method: numbers})."""
     summaries = {}
     for name in sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []:
-        summ = read_json(os.path.join(out_dir, name, "summary.json"))
         method, _, seed = name.rpartition("_s")
+        summ = read_json(os.path.join(out_dir, name, "summary.json"))
         if summ is not None and method and seed.isdigit():
             summaries.setdefault(summ.get("method", method), []).append((int(seed), summ))
-    order = methods + sorted(m for m in summaries if m not in methods)
     rows, res = [], {}
-    for m in order:
+    for m in methods + sorted(m for m in summaries if m not in methods):
         runs = sorted(summaries.get(m, []), key=lambda t: t[0])
-        pre = mean_std([s.get("specific_test_loss") for _, s in runs])
-        ft = mean_std([s.get("specific_test_loss_finetuned") for _, s in runs])
-        ms = mean_std([s.get("ms_per_step") for _, s in runs])
-        name, p_pre, p_ft = TABLE2.get(m, (m, None, None))
-        res[m] = {"name": name, "seeds": [sd for sd, _ in runs], "pretrain": pre, "finetune": ft, "ms_per_step": ms,
-                  "pretrain_values": [s.get("specific_test_loss") for _, s in runs],
-                  "finetune_values": [s.get("specific_test_loss_finetuned") for _, s in runs],
-                  "paper": {"pretrain": p_pre, "finetune": p_ft}}
+        keys = ("specific_test_loss", "specific_test_loss_finetuned", "ms_per_step")
+        pre_v, ft_v, ms_v = ([s.get(k) for _, s in runs] for k in keys)
+        (name, p_pre, p_ft), pre, ft, ms = TABLE2.get(m, (m, None, None)), *map(mean_std, (pre_v, ft_v, ms_v))
+        res[m] = dict(name=name, seeds=[sd for sd, _ in runs], pretrain=pre, finetune=ft, ms_per_step=ms,
+                      pretrain_values=pre_v, finetune_values=ft_v, paper=dict(pretrain=p_pre, finetune=p_ft))
         rows.append([name, pm(*pre), pm(*ft), fmt(ms[0], ".1f"), len(runs), fmt(p_pre), fmt(p_ft)])
     return rows, res
 
 
-def cmd_table(argv):
-    opts, train_argv = parse_options(argv, TABLE_OPTIONS, "table", train_keys=True)
-    if not opts["out_dir"]:
-        raise DiagnoseError("--out_dir: required (one subdirectory METHOD_sSEED per run)")
-    for arg in train_argv:
-        if arg[2:].partition("=")[0] in ("method", "seed", "resume"):
-            raise DiagnoseError(f"{arg}: `table` sets --method, --seed and --resume itself (see --methods, --seeds)")
-    methods = [m for m in opts["methods"].split(",") if m] or list(TABLE2)
-    try:
-        seeds = [int(s) for s in opts["seeds"].split(",") if s]
-    except ValueError:
-        raise DiagnoseError(f"--seeds: expected comma-separated integers, got {opts['seeds']!r}") from None
-    notes, status = [], {}
+def specific_sets(opts, train_argv):
+    """[(set name, its runs' directory, its train.py settings)]: the one set of the train settings,
+    or with --specifics one set per file, named by its file name without extension."""
+    if not opts["specifics"]:
+        return [("", opts["out_dir"], [])]
+    need(not any(a.startswith("--specific=") for a in train_argv), "--specifics: not with --specific")
+    files = data.resolve_files(opts["specifics"], "--specifics")
+    sets = {os.path.basename(f).split(".")[0]: f for f in files}
+    need(len(sets) == len(files), f"--specifics: two files share a name ({opts['specifics']})")
+    return [(name, os.path.join(opts["out_dir"], name), [f"--specific={f}"]) for name, f in sets.items()]
+
+
+def cmd_table(opts, train_argv):
+    """run every method × seed (× specific set) by train.py and assemble Table 2 (or Table 3)
+
+    A run whose summary.json exists is kept; an interrupted one continues from its checkpoint, so
+    the same command, run again after Ctrl-C, finishes the table. `;` in --specific still means one
+    multi-task outer loss (Appendix B); --specifics makes one table column per file instead."""
+    need(opts["out_dir"], "--out_dir: required (one subdirectory METHOD_sSEED per run)")
+    need(all(a.split("=")[0] not in ("--method", "--seed", "--resume", "--out_dir") for a in train_argv),
+         "--method, --seed, --resume, --out_dir: `table` sets them itself (see --methods, --seeds)")
+    need(re.fullmatch(r"\d+(,\d+)*", opts["seeds"]), "--seeds: expected integers, comma-separated")
+    methods, seeds = [m for m in opts["methods"].split(",") if m] or list(TABLE2), opts["seeds"].split(",")
+    sets, notes, status, todo = specific_sets(opts, train_argv), [], {}, []
     if not opts["assemble_only"]:
-        train.parse_args(train_argv + ["--method=baseline"], train_defaults())   # bad settings fail now, not per run
-        if opts["jobs"] < 1:
-            raise DiagnoseError(f"--jobs: must be at least 1, got {opts['jobs']}")
-        todo = []
-        for m in methods:
-            if m not in train.METHODS:
-                notes.append(f"{m}: not a train.py method (train.METHODS = {', '.join(train.METHODS)}); skipped")
-                continue
-            for s in seeds:
-                run_dir = os.path.join(opts["out_dir"], f"{m}_s{s}")
+        need(opts["jobs"] >= 1, f"--jobs: must be at least 1, got {opts['jobs']}")
+        notes = [f"{m}: not a train.py method (see train.py --help); skipped" for m in methods
+                 if m not in train.METHODS]
+        for name, out_dir, extra in sets:
+            train.parse_args(train_argv + extra, train_defaults())        # bad settings fail now, not per run
+            for m, s in itertools.product([m for m in methods if m in train.METHODS], seeds):
+                label, run_dir, argv = f"{name} {m} seed {s}".strip(), os.path.join(out_dir, f"{m}_s{s}"), \
+                    train_argv + extra + [f"--method={m}", f"--seed={s}"]
                 if os.path.exists(os.path.join(run_dir, "summary.json")):
-                    print(f"{m} seed {s}: {run_dir}/summary.json exists, kept", flush=True)
+                    print(f"{label}: {run_dir}/summary.json exists, kept", flush=True)
                 else:
-                    todo.append((m, s, run_dir))
-        t0 = time.time()
-        status = run_all(todo, train_argv, opts["jobs"])
-        for (m, s), rc in status.items():
-            if rc in (130, 143):     # stopped by a signal: train.py checkpointed, a rerun continues it
-                notes.append(f"interrupted during {m} seed {s}; rerun the same command to continue")
-            elif rc != 0:
-                notes.append(f"{m} seed {s}: train.py exited with status {rc}")
-        if todo:
-            notes.append(f"{len(status)} runs took {(time.time() - t0) / 60:.1f} min of wall time ({opts['jobs']} at a time)")
-    rows, res = assemble(opts["out_dir"], methods)
-    header = ["Method", "Pre-train", "Fine-tune", "ms/step", "seeds", "paper Pre-train", "paper Fine-tune"]
-    text = ("Specific test loss (nats/byte), mean ± std over seeds; paper: Table 2 (C4 → Reuters, 9.5M-parameter "
-            "model, 300k steps, 5 seeds). Compare the ranking, not the values.\n\n" + markdown(header, rows))
-    text += "".join(f"\n- {n}" for n in dict.fromkeys(notes))
+                    todo.append((label, train_cmd(argv, run_dir), run_dir))
+        status = run_all(todo, opts["jobs"])
+        # stopped by a signal (130, 143): train.py checkpointed, and a rerun continues it
+        notes += [f"interrupted during {label}; rerun the same command to continue" if rc in (130, 143) else
+                  f"{label}: train.py exited with status {rc}" for label, rc in status.items() if rc != 0]
+    results = {name: assemble(out_dir, methods) for name, out_dir, _ in sets}     # {set: (rows, numbers)}
+    if opts["specifics"]:      # Table 3: a column a set; per method a pre-train row and a "+ ft." row
+        what, header = ", a column per set; paper: Table 3 (C4 → 9 Pile domains)", ["Method", *results]
+        rows = [[TABLE2.get(m, (m,))[0] if key == "pretrain" else "+ ft."]
+                + [pm(*res[m][key]) if m in res else "—" for _, res in results.values()]
+                for m in dict.fromkeys(m for _, res in results.values() for m in res) for key in ("pretrain",
+                                                                                                 "finetune")]
+        numbers = {"sets": {name: res for name, (_, res) in results.items()}}
+    else:
+        what, (rows, res) = "; paper: Table 2 (C4 → Reuters, 9.5M parameters, 300k steps)", results[""]
+        header, numbers = ["Method", "Pre-train", "Fine-tune", "ms/step", "seeds", "paper Pre-train",
+                           "paper Fine-tune"], {"methods": res}
+    text = (f"Specific test loss (nats/byte), mean ± std over seeds{what}. Compare the ranking, not the "
+            f"values.\n\n" + markdown(header, rows) + "".join(f"\n- {n}" for n in dict.fromkeys(notes)))
     print(text)
     os.makedirs(opts["out_dir"], exist_ok=True)
-    train.atomic_write(os.path.join(opts["out_dir"], "table.md"), lambda p: open(p, "w").write(text + "\n"))
-    train.atomic_write(os.path.join(opts["out_dir"], "table.json"),
-                       lambda p: json.dump({"methods": res, "notes": notes, "train_args": train_argv},
-                                           open(p, "w"), indent=1))
+    save(os.path.join(opts["out_dir"], "table.md"), text + "\n")
+    save(os.path.join(opts["out_dir"], "table.json"), {**numbers, "notes": notes, "train_args": train_argv})
     return 1 if any(rc != 0 for rc in status.values()) else 0     # the table still shows the finished runs
 
 
 # -----------------------------------------------------------------------------------------------
 # bench: the cost of one training step of every method, side by side in one process
+#
+# Every method gets its own model, data and optimiser, built by train.setup from the same settings,
+# and runs whole cycles of outer_every steps (so that each cycle holds one outer update). Reported:
+# ms/step and its ratio to the baseline's; the peak memory of one cycle; the bytes trained on per
+# second (b · T per step); the cost of scoring B_generic^big with α as a fraction of a baseline step
+# (section 4: the weighting network must be cheap next to the main model); and on known GPUs the
+# model FLOPs utilisation
+#   MFU ≈ 6 · n_params · (b · T bytes trained per step) / (step time) / (the GPU's peak bf16 FLOP/s)
+# (6 FLOPs per parameter and trained byte: forward 2, backward 4; attention and the bilevel
+# methods' extra passes are not counted, so for those it is the useful share of the work).
 
-BENCH_OPTIONS = dict(methods="baseline,mixing,dds,soba,anograd,classifier,ltr,mwn,scalebio", steps=6, warmup=3,
-                     rounds=3, out_json="")
+BENCH_OPTIONS = dict(
+    methods=("baseline,mixing,dds,soba,anograd,classifier,ltr,mwn,scalebio", "train.py methods to time"),
+    steps=(6, "timed steps per method and round (rounded up to whole outer_every cycles)"),
+    warmup=(3, "untimed steps per method first"),
+    rounds=(3, "rounds, each timing every method in turn; the median is reported"),
+    out_json=("", "also write the numbers here"))
+# peak dense bf16 tensor FLOP/s (TFLOP/s, NVIDIA data sheets; SXM boards unless named), matched in
+# this order against torch.cuda.get_device_name(): the more specific names first
+PEAK_BF16_TFLOPS = [("GH200", 989), ("H200 NVL", 835), ("H200", 989), ("H100 PCIe", 756), ("H100 NVL", 835),
+                    ("H100", 989), ("A100", 312), ("L40S", 362), ("L40", 181), ("L4", 121)]
 
 
 def cpu_peak_mb(fn):
@@ -862,22 +807,26 @@ def cpu_peak_mb(fn):
         os.dup2(saved, 2)
         os.close(saved)
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        events = json.load(open(path))["traceEvents"]
+        prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
+        events = read_json(os.path.join(tmp, "trace.json"))["traceEvents"]
     return max([0] + [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]) / 2**20
+
+
+def is_cuda(device):
+    """Whether a device string ("cpu", "cuda", "cuda:1") names a GPU."""
+    return torch.device(device).type == "cuda"
 
 
 def run_steps(ctx, method, first, n):
     """Training steps first, …, first + n − 1 of `method` on ctx."""
     for i in range(first, first + n):
         ctx.step = i
-        train.STEPS[method](ctx, i)
+        train.METHODS[method](ctx, i)
 
 
 def ms_per_call(fn, n, device, warmup=1):
     """Wall-clock ms of fn(), averaged over n calls after `warmup` untimed ones (CUDA synchronised)."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if is_cuda(device) else (lambda: None)
     for _ in range(warmup):
         fn()
     sync()
@@ -892,131 +841,175 @@ def step_peak_mb(ctx, method, first):
     """Peak memory of `outer_every` consecutive steps from step `first` (a multiple of outer_every,
     so the outer update is among them), above what was allocated before them, MB."""
     steps = lambda: run_steps(ctx, method, first, ctx.cfg["outer_every"])
-    if ctx.device != "cuda":
+    if not is_cuda(ctx.device):
         return cpu_peak_mb(steps)
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated(ctx.device)    # the allocator's counts: kept on the host, no sync
+    torch.cuda.reset_peak_memory_stats(ctx.device)
     steps()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
+    return (torch.cuda.max_memory_allocated(ctx.device) - before) / 2**20
 
 
-def pass_timings(ctx, n):
-    """ms of the passes the outer updates are made of, on b generic examples x with the model of ctx:
-    a forward and backward (fused attention); c(x) = ⟨∇ℓ(x; θ), u⟩ (DDS, Anograd, LTR) by per-example
-    step sizes (bilevel.per_example_dot) and by one JVP (bilevel.per_example_dot_jvp); SOBA's
-    (ℓ, g, H v, c) both ways (bilevel.soba_terms*). u = v = ∇ℓ of another batch."""
-    x = ctx.generic.train.x[: ctx.cfg["batch_size"]].to(ctx.device)
-    theta = bilevel.theta_of(ctx.model)
-    u, _ = bilevel.grad_at(ctx.model, theta, ctx.generic.train.x[-len(x):].to(ctx.device))
-    passes = {"forward_backward": lambda: bilevel.grad_at(ctx.model, theta, x),
-              "per_example_dot": lambda: bilevel.per_example_dot(ctx.model, theta, x, u),
-              "per_example_dot_jvp": lambda: bilevel.per_example_dot_jvp(ctx.model, theta, x, u),
-              "soba_reverse_over_reverse": lambda: bilevel.soba_terms(ctx.model, x, u),
-              "soba_forward_over_reverse": lambda: bilevel.soba_terms_forward_over_reverse(ctx.model, x, u)}
-    return {name: ms_per_call(fn, n, ctx.device) for name, fn in passes.items()}
+def device_name(device):
+    """The GPU's name; or the CPU's (from /proc/cpuinfo where there is one) and its thread count."""
+    if is_cuda(device):
+        return torch.cuda.get_device_name(torch.device(device))
+    info = open("/proc/cpuinfo").read() if os.path.isfile("/proc/cpuinfo") else ""     # Linux
+    cpu = re.search(r"model name\s*:\s*(.+)", info)
+    cpu = cpu[1] if cpu else platform.processor() or platform.machine()
+    return f"{cpu}, {torch.get_num_threads()} threads"
 
 
-def cmd_bench(argv):
-    opts, train_argv = parse_options(argv, BENCH_OPTIONS, "bench", train_keys=True)
-    methods = [m for m in opts["methods"].split(",") if m]
-    for m in methods:
-        if m not in train.STEPS:
-            raise DiagnoseError(f"--methods: unknown method {m!r}")
-    for key in ("steps", "rounds"):
-        if opts[key] < 1:
-            raise DiagnoseError(f"--{key}: expected a positive integer, got {opts[key]}")
-    if "baseline" not in methods:
-        methods.insert(0, "baseline")
-    ctxs = {}
-    for m in methods:                 # every method's model, data and optimizer, side by side
-        cfg = train.parse_args(train_argv + [f"--method={m}", "--out_dir=/nonexistent"], train_defaults())
-        if m == "cds":
-            cfg["cds_pretrain_steps"] = 0
-        ctxs[m] = train.setup(cfg)
-    cfg = ctxs["baseline"].cfg
-    k = cfg["outer_every"]            # time whole cycles of k steps (one outer update each)
-    warm, n = k * math.ceil(opts["warmup"] / k), k * math.ceil(opts["steps"] / k)
+def bench(train_argv, methods, steps, warmup, rounds):
+    """Time `methods` side by side in this process → ({method: numbers}, {the facts of the timing})."""
+    # CDS: time its selecting steps; its uniform phase (i) is the first step only
+    ctxs = {m: train.setup(train.parse_args(train_argv + [f"--method={m}"] + ["--cds_pretrain_steps=1"] * (
+        m == "cds"), train_defaults())) for m in methods}
+    base = ctxs["baseline"]
+    cfg, dev, k, name = base.cfg, base.device, base.cfg["outer_every"], device_name(base.device)
+    warm, n = k * math.ceil(warmup / k), k * math.ceil(steps / k)       # whole cycles of k steps
     for m in methods:
         run_steps(ctxs[m], m, 0, warm)
-    # `rounds` rounds, each timing n steps of every method in turn: a slow spell of the machine hits
-    # one round of every method rather than all of one method; the median over rounds is reported
+    # each round times n steps of every method in turn: a slow spell of the machine hits one round
+    # of every method rather than all of one method; the median over rounds is reported
     ms = {m: [] for m in methods}
-    score_ms = {m: [] for m in methods if getattr(ctxs[m].weighter, "forward_by_lookup", None)}
-    x_B = ctxs["baseline"].generic.train.x[: cfg["big_batch_size"]].to(ctxs["baseline"].device)
-    for r in range(opts["rounds"]):
-        for m in methods:
-            ctx = ctxs[m]
-            ms[m].append(ms_per_call(lambda: run_steps(ctx, m, warm + r * n, n), 1, ctx.device, warmup=0) / n)
-            if m in score_ms:         # the weighter's forward over B_generic^big (no graph)
-                score_ms[m].append(ms_per_call(lambda: score(ctx.weighter, x_B), n, ctx.device))
-    scoring = {}
-    if score_ms:                      # scoring B by the convolution and by lookups, same weighter, same process
-        w = ctxs[next(iter(score_ms))].weighter
-        scoring = {"convolution": ms_per_call(lambda: score(w, x_B, by_lookup=False), n, ctxs["baseline"].device),
-                   "lookup": ms_per_call(lambda: score(w, x_B), n, ctxs["baseline"].device)}
-    rows, res = [], {}
+    score_ms = {m: [] for m, c in ctxs.items() if isinstance(c.weighter, Weighter)}     # α scores text
+    g = base.generic.train.x                      # B_generic^big: |B| uniform draws, as training makes them
+    x_B = g[torch.randint(len(g), (cfg["big_batch_size"],))].to(dev)            # (|B|, T)
+    for r, m in itertools.product(range(rounds), methods):
+        ms[m].append(ms_per_call(lambda: run_steps(ctxs[m], m, warm + r * n, n), 1, dev, warmup=0) / n)
+        if m in score_ms:        # s(x; α) over B_generic^big, without a graph
+            score_ms[m].append(ms_per_call(lambda: score(ctxs[m].weighter, x_B), n, dev))
+    n_params, t_base = sum(p.numel() for p in base.model.parameters()), float(np.median(ms["baseline"]))
+    peak = next((tf for key, tf in PEAK_BF16_TFLOPS if key in name), None) if is_cuda(dev) else None
+    res = {}
     for m in methods:
-        ctx = ctxs[m]
-        mem = step_peak_mb(ctx, m, warm + opts["rounds"] * n)
-        res[m] = {"ms_per_step": float(np.median(ms[m])), "ms_per_step_rounds": ms[m], "step_memory_mb": mem,
-                  "trained_bytes_per_s": cfg["batch_size"] * cfg["seq_len"] / (np.median(ms[m]) / 1000),
-                  "scanned_bytes_per_s": (cfg["big_batch_size"] if m in train.SELECTING else cfg["batch_size"])
-                  * cfg["seq_len"] / (np.median(ms[m]) / 1000)}
-        if m in score_ms:
-            res[m]["score_ms"] = float(np.median(score_ms[m]))
-    base = res["baseline"]
-    for m, r in res.items():
-        r["ratio"] = r["ms_per_step"] / base["ms_per_step"]
-        # the ratio within each round (same spell of the machine): its range says how far to trust r["ratio"]
-        r["ratio_rounds"] = [a / b for a, b in zip(r["ms_per_step_rounds"], base["ms_per_step_rounds"])]
-        r["memory_ratio"] = r["step_memory_mb"] / max(base["step_memory_mb"], 1e-9)
-        r["score_fraction"] = r["score_ms"] / base["ms_per_step"] if "score_ms" in r else None
-        spread = f" ({min(r['ratio_rounds']):.2f}–{max(r['ratio_rounds']):.2f})" if len(r["ratio_rounds"]) > 1 else ""
-        rows.append([m, f"{r['ms_per_step']:.1f}", f"{r['ratio']:.2f}x{spread}", fmt(r["score_fraction"], ".2f"),
-                     f"{r['step_memory_mb']:.1f}", f"{r['memory_ratio']:.2f}x", f"{r['trained_bytes_per_s'] / 1e3:.1f}",
-                     f"{r['scanned_bytes_per_s'] / 1e3:.1f}"])
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    header = ["method", "ms/step", "vs baseline (range over rounds)", "scoring B / baseline step", "step memory MB", "memory vs baseline",
-              "trained kB/s", "scanned kB/s"]
-    text = (f"{dev}, one process; per method the median over {opts['rounds']} rounds of {n} timed steps (whole cycles "
-            f"of outer_every steps, the methods in turn in each round) after {warm} warm-up steps; step memory = "
-            f"peak tensor memory allocated during one cycle "
-            f"(with its outer update), above what was allocated before it.\n\n" + markdown(header, rows))
-    passes = pass_timings(ctxs["baseline"], n)
-    text += (f"\n\nPasses on b = {cfg['batch_size']} generic examples: forward and backward {passes['forward_backward']:.1f} ms; "
-             f"c(x) = ⟨∇ℓ(x; θ), u⟩ (DDS, Anograd, LTR) by per-example step sizes {passes['per_example_dot']:.1f} ms, "
-             f"by one JVP {passes['per_example_dot_jvp']:.1f} ms; SOBA's "
-             f"(ℓ, g, H v, c) by reverse over reverse {passes['soba_reverse_over_reverse']:.1f} ms, by forward over "
-             f"reverse {passes['soba_forward_over_reverse']:.1f} ms.")
-    if scoring:
-        text += (f" Scoring B ({cfg['big_batch_size']} examples): by the weighter's convolution {scoring['convolution']:.1f} ms, "
-                 f"by table lookups (weighter.score) {scoring['lookup']:.1f} ms.")
-    print(text)
+        t, s = float(np.median(ms[m])), float(np.median(score_ms[m])) if m in score_ms else None
+        res[m] = dict(ms_per_step=t, ms_per_step_rounds=ms[m], ratio=t / t_base,
+                      # the ratio within each round (one spell of the machine): how far to trust "ratio"
+                      ratio_rounds=[a / b for a, b in zip(ms[m], ms["baseline"])],
+                      step_memory_mb=step_peak_mb(ctxs[m], m, warm + rounds * n),
+                      # b · T bytes trained on per step, over the step time
+                      trained_bytes_per_s=cfg["batch_size"] * cfg["seq_len"] / (t / 1000),
+                      score_ms=s, score_fraction=None if s is None else s / t_base,
+                      # MFU ≈ 6 · n_params · b · T / (t / 1000) / (peak · 10¹²), t in ms and peak in TFLOP/s
+                      mfu=peak and 6 * n_params * cfg["batch_size"] * cfg["seq_len"] / t / peak / 1e9)
+    rows = [[m, f"{r['ms_per_step']:.1f}", f"{r['ratio']:.2f}x", f"{r['step_memory_mb']:.1f}",
+             fmt(r["score_fraction"], ".2f"), f"{r['trained_bytes_per_s'] / 1e3:.1f}", fmt(r["mfu"], ".1%")]
+            for m, r in res.items()]
+    print(f"{name}: the median over {rounds} rounds of {n} steps (the methods in turn), after {warm} warm-up "
+          f"steps; peak MB: allocated during one cycle of outer_every steps, above what was allocated "
+          f"before.\n\n" + markdown(["method", "ms/step", "vs baseline", "peak MB", "scoring B / baseline "
+                                     "step", "trained kB/s", "MFU"], rows))
+    # this process's peak memory: allocated GPU memory on CUDA, the resident set size on a CPU (kB)
+    process_mb = (torch.cuda.max_memory_allocated(dev) / 2**20 if is_cuda(dev) else
+                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return res, dict(device=name, device_type=torch.device(dev).type, peak_bf16_tflops=peak, cfg=cfg,
+                     n_params=n_params, process_peak_memory_mb=process_mb)
+
+
+def cmd_bench(opts, train_argv):
+    """ms/step, ratio to the baseline, peak memory and scoring cost of each method, in one process
+
+    Every method is built from the same train.py settings (e.g. --preset=cpu) and timed in turn, so
+    a change of the machine's speed hits all of them alike."""
+    methods = list(dict.fromkeys(["baseline"] + [m for m in opts["methods"].split(",") if m]))
+    need(all(m in train.METHODS for m in methods), f"--methods: not all train.py methods: {opts['methods']}")
+    need(opts["steps"] > 0 and opts["rounds"] > 0, "--steps, --rounds: must be positive")
+    res, facts = bench(train_argv, methods, opts["steps"], opts["warmup"], opts["rounds"])
     if opts["out_json"]:
-        train.atomic_write(opts["out_json"], lambda p: json.dump({"device": dev, "methods": res, "train_args": train_argv,
-                                                                  "passes_ms": passes, "scoring_ms": scoring},
-                                                                 open(p, "w"), indent=1))
+        save(opts["out_json"], {"device": facts["device"], "methods": res, "train_args": train_argv})
     return 0
 
 
 # -----------------------------------------------------------------------------------------------
+# gpucheck: what a person with one GPU runs, in under 10 minutes, to tell us how the code does there
+#
+#   (1) tests/test_cuda.py, by pytest in a subprocess: its passed / failed / skipped counts;
+#   (2) `steps` steps of the baseline and of Sparse SOBA at the preset (train.py subprocesses, an
+#       outer step on every step): their final losses, ms/step and peak memory, from summary.json;
+#   (3) bench (the code of `bench`, in this process) of baseline, soba, dds and anograd at the
+#       preset with b = 128 and |B| = 128·b (the paper's): ms/step, trained bytes/s, ratio to the
+#       baseline, peak memory, the cost of scoring B, and the model FLOPs utilisation.
+# All of it goes into one JSON report. With --device=cpu and tiny settings it is a dry run.
 
-COMMANDS = {"sar": cmd_sar, "weights": cmd_weights, "select": cmd_select, "compare": cmd_compare, "table": cmd_table,
-            "bench": cmd_bench}
+GPUCHECK_OPTIONS = dict(
+    preset=("paper", "train.py preset of the runs and the timings (paper: Table 1, b = 128)"),
+    steps=(200, "training steps of each train.py run (baseline, Sparse SOBA)"),
+    bench_steps=(10, "timed steps per method"),
+    bench_warmup=(3, "untimed steps per method first"),
+    tests=("tests/test_cuda.py", "the pytest file run first, relative to the repository; empty = none"),
+    run_dir=("gpucheck", "directory of the train.py runs (RUN_DIR/baseline, RUN_DIR/soba)"),
+    out=("", "the JSON report; default RUN_DIR/gpucheck.json"))
+
+
+def run_tests(path):
+    """(1): pytest on one file in a subprocess → {file, present, exit_status, passed, failed, ...}."""
+    present = bool(path) and os.path.isfile(os.path.join(HERE, path))
+    counts = dict.fromkeys(("passed", "failed", "skipped", "errors"), 0 if present else None)
+    res = dict(file=path, present=present, exit_status=None, **counts)
+    if present:
+        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path], cwd=HERE,
+                           capture_output=True, text=True)
+        last = (p.stdout.strip().splitlines() or [""])[-1]          # "1 failed, 5 passed, 2 skipped in 3.1s"
+        found = re.findall(r"(\d+) (passed|failed|skipped|error)s?\b", last)
+        res.update(exit_status=p.returncode, **{w if w != "error" else "errors": int(c) for c, w in found})
+    print(f"{path or 'tests'}: {last if present else 'no such test file; no tests run'}", flush=True)
+    return res
+
+
+def cmd_gpucheck(opts, train_argv):
+    """the 10-minute check on one GPU (a dry run on a CPU): tests, short runs, timings, one report
+
+    python diagnose.py gpucheck --generic=DIR --specific=FILE       (on a GPU; or the built-in corpus)
+    python diagnose.py gpucheck --device=cpu --preset=cpu --steps=5 --bench_steps=2   (a dry run)
+    Exit status 1 if a test failed or a run did not finish; the report is written in every case."""
+    t0 = time.time()
+    need(opts["steps"] > 0 and opts["bench_steps"] > 0, "--steps and --bench_steps: must be positive")
+    # every run and timing: the preset, an outer step on every step, and |B| = 128·b unless given
+    argv = [f"--preset={opts['preset']}", "--outer_every=1"] + train_argv
+    b = train.parse_args(argv, train_defaults())["batch_size"]      # bad settings fail here, before any run
+    argv += [f"--big_batch_size={128 * b}"] * (not any(a.startswith("--big_batch_size=") for a in train_argv))
+    tests, runs = run_tests(opts["tests"]), {}                                                      # (1)
+    for m in ("baseline", "soba"):                                                                  # (2)
+        d = os.path.join(opts["run_dir"], m)
+        cmd = train_cmd(argv + [f"--method={m}", f"--max_steps={opts['steps']}", "--finetune_steps=0"], d, 1)
+        if (rc := run_all([(m, cmd, d)], 1)[m]) in (130, 143):
+            return 130               # Ctrl-C: stop here
+        summ = (read_json(os.path.join(d, "summary.json")) if rc == 0 else None) or {}
+        runs[m] = dict(exit_status=rc, steps=opts["steps"], **{k: summ.get(k) for k in (
+            "specific_valid_loss", "specific_test_loss", "generic_valid_loss", "ms_per_step", "peak_mem_mb")})
+    res, facts = bench(argv, ["baseline", "soba", "dds", "anograd"], opts["bench_steps"],
+                       opts["bench_warmup"], rounds=1)                                              # (3)
+    cfg = facts.pop("cfg")
+    report = dict(**facts, torch_version=torch.__version__, cuda_version=torch.version.cuda, tests=tests,
+                  **{k: cfg[k] for k in ("batch_size", "big_batch_size", "seq_len", "outer_every")},
+                  preset=opts["preset"], train=runs, methods=res, wall_s=time.time() - t0)
+    save(out := opts["out"] or os.path.join(opts["run_dir"], "gpucheck.json"), report)
+    print(f"\n{facts['device']} | torch {torch.__version__} | CUDA {torch.version.cuda} | b = "
+          f"{cfg['batch_size']}, |B| = {cfg['big_batch_size']} | report: {out}")
+    return 1 if tests["failed"] or tests["errors"] or any(r["exit_status"] for r in runs.values()) else 0
+
+
+# -----------------------------------------------------------------------------------------------
+# name: (function, whose docstring is its --help line; its options; whether it takes train.py settings)
+COMMANDS = {"sar": (cmd_sar, SAR_OPTIONS, True), "weights": (cmd_weights, WEIGHTS_OPTIONS, False),
+            "select": (cmd_select, SELECT_OPTIONS, False), "compare": (cmd_compare, COMPARE_OPTIONS, False),
+            "table": (cmd_table, TABLE_OPTIONS, True), "bench": (cmd_bench, BENCH_OPTIONS, True),
+            "gpucheck": (cmd_gpucheck, GPUCHECK_OPTIONS, True)}
 
 
 def main(argv):
+    """`python diagnose.py SUBCOMMAND --key=value ...` → exit status: 0, or 2 with a one-line error."""
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(__doc__)
+        print(help_text())
         return 0 if argv else 2
-    if argv[0] not in COMMANDS:
-        print(f"error: unknown subcommand {argv[0]!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
-        return 2
     try:
-        return COMMANDS[argv[0]](argv[1:])
-    except (DiagnoseError, train.ConfigError, train.TrainingError, data.DataError) as e:
+        need(argv[0] in COMMANDS, f"{argv[0]}: unknown subcommand (choose from {', '.join(COMMANDS)})")
+        if "-h" in argv or "--help" in argv:
+            return print(help_text(argv[0])) or 0
+        fn, table, train_settings = COMMANDS[argv[0]]
+        return fn(*parse_options(argv[1:], table, argv[0], train_settings))
+    except (data.DataError, train.TrainingError, OSError) as e:    # DataError: DiagnoseError, ConfigError
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -11,6 +11,14 @@ no double backward (nor a forward-mode derivative), so that step runs attention 
 (an explicit softmax(QKᵀ/√d)V built from differentiable ops). Everything else (the plain training
 step, DDS and Anograd, which need only first-order passes, evaluation) keeps the fast fused kernel.
 `second_order()` below switches the path.
+
+torch.compile: `compile_model(model)` compiles the forward in place (`nn.Module.compile`; the
+parameters, state_dict keys and checkpoints stay those of the plain model). `second_order(model)`
+also runs a compiled model uncompiled for its duration: the double backward and forward-mode
+derivatives go through the eager graph, never the compiled one.
+
+The model is built from a train.py config dict (the presets live in train.py only):
+`ByteLM.from_config(cfg)`.
 """
 
 import contextlib
@@ -21,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm import tqdm
 
 
 @dataclass
@@ -33,24 +42,45 @@ class ModelConfig:
     dropout: float = 0.1
 
 
-# Presets. `paper`: Table 1 / Table 9 "Large" (9.53M parameters). `small`: Table 9 "Small" (0.82M),
-# the model whose weighter the paper transfers to the large one (section 6.4). `cpu`: what a 2-core
-# laptop trains in minutes.
-PRESETS = {
-    "paper": dict(n_layer=12, n_head=8, n_embd=256, n_hidden=1024),
-    "small": dict(n_layer=4, n_head=4, n_embd=128, n_hidden=512),
-    "cpu": dict(n_layer=4, n_head=4, n_embd=128, n_hidden=512),
-}
+# the train.py config keys that define the model (ModelConfig's fields)
+CONFIG_KEYS = ("n_layer", "n_head", "n_embd", "n_hidden", "seq_len", "dropout")
 
 
 @contextlib.contextmanager
-def second_order():
-    """Run attention on the math path, which supports double backward and forward-mode AD.
+def uncompiled(*modules):
+    """Run modules compiled by `compile_model` (nn.Module.compile) eagerly inside the block.
+
+    nn.Module.__call__ runs `_compiled_call_impl` when it is set; this sets it to None on every
+    given module and its submodules, and restores it on exit. A module never compiled is left as
+    it is (a no-op)."""
+    saved = [(m, m._compiled_call_impl) for mod in modules for m in mod.modules()
+             if getattr(m, "_compiled_call_impl", None) is not None]
+    for m, _ in saved:
+        m._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for m, impl in saved:
+            m._compiled_call_impl = impl
+
+
+@contextlib.contextmanager
+def second_order(*models):
+    """Run attention on the math path, which supports double backward and forward-mode AD, and run
+    the given models uncompiled (see `uncompiled`; torch.compile's graphs are first-order).
 
     Use it around any computation whose graph is differentiated twice (create_graph=True) or
-    through which a Jacobian-vector product is taken."""
-    with sdpa_kernel(SDPBackend.MATH):
+    through which a Jacobian-vector product is taken; pass the models that computation calls."""
+    with sdpa_kernel(SDPBackend.MATH), uncompiled(*models):
         yield
+
+
+def compile_model(model):
+    """torch.compile the model's forward in place (nn.Module.compile) and return it. Parameters,
+    buffers and state_dict keys are unchanged (the compiled call wraps the module, it is not a new
+    module); compilation happens at the first call. `second_order(model)` runs it uncompiled."""
+    model.compile()
+    return model
 
 
 def sinusoidal_positions(seq_len, d):
@@ -118,6 +148,12 @@ class ByteLM(nn.Module):
         self.head.weight = self.wte.weight
         self.register_load_state_dict_pre_hook(self._tie_on_load)
 
+    @classmethod
+    def from_config(cls, cfg):
+        """The ByteLM of a train.py config dict (or any mapping holding CONFIG_KEYS; other keys are
+        ignored): n_layer, n_head, n_embd, n_hidden, seq_len, dropout."""
+        return cls(ModelConfig(**{k: cfg[k] for k in CONFIG_KEYS}))
+
     @staticmethod
     def _tie_on_load(module, state_dict, prefix, *args):
         # a θ dict (named_parameters lists a tied tensor once) or an older checkpoint has no head.weight
@@ -153,16 +189,30 @@ class ByteLM(nn.Module):
         write ℓ(x; θ') as `functional_call(model, θ', (x,))` for any parameters θ'."""
         logits = self.logits(x)                                                     # (B, T, 256)
         # at least float32 (bf16 under autocast is upcast), but a float64 model stays float64
-        nll = F.cross_entropy(logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)), x.long().flatten(),
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))         # (B, T, 256)
+        nll = F.cross_entropy(logits.flatten(0, 1), x.long().flatten(),
                               reduction="none").view(x.shape)                  # (B, T)
         mask = (x != 0).float()                                                # (B, T)
         return (nll * mask).sum(1) / mask.sum(1).clamp(min=1.0)                # (B,)
 
     per_example_loss = forward
 
+    @torch.no_grad()
+    def nats_per_byte(self, x_all, batch_size=256, autocast=contextlib.nullcontext, desc=None):
+        """The evaluation metric: mean nats per byte over a set x_all (N, T), Σ nats / Σ non-pad
+        bytes (bytes, not examples, weigh equally), in eval mode; autocast: the caller's precision."""
+        was_training = self.training
+        self.eval()
+        nats = torch.zeros((), dtype=torch.float64, device=x_all.device)
+        nbytes = torch.zeros((), dtype=torch.float64, device=x_all.device)
+        for i in tqdm(range(0, len(x_all), batch_size), desc=desc, leave=False, disable=None):
+            x = x_all[i:i + batch_size]                                # (B, T)
+            with autocast():
+                losses = self(x).float()                               # (B,) nats per byte
+            n = (x != 0).sum(1).float()                                # (B,) bytes
+            # accumulated in float64 on the device: one synchronisation per evaluated set
+            nats += (losses * n).sum()
+            nbytes += n.sum()
+        self.train(was_training)
+        return (nats / nbytes).item()
 
-def build_model(preset=None, **overrides):
-    """A ByteLM from a preset name ('paper', 'small', 'cpu') and/or explicit ModelConfig fields."""
-    kw = dict(PRESETS[preset]) if preset else {}
-    kw.update({k: v for k, v in overrides.items() if v is not None})
-    return ByteLM(ModelConfig(**kw))

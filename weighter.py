@@ -20,9 +20,14 @@ small batch the main model trains on:
   - `top`:                 the b highest weights, deterministic.
 """
 
+import os
+import re
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from data import DataError, read_checkpoint
 
 
 class Weighter(nn.Module):
@@ -51,27 +56,39 @@ class Weighter(nn.Module):
         return (per_byte * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B,) masked mean
 
     @torch.no_grad()
-    def forward_by_lookup(self, x):
+    def lookup_tables(self):
+        """The tables P_j = E W_jᵀ of `forward_by_lookup`, stacked: (k·257, dim), no graph.
+
+        P[j, v] = W_j E[v] for the byte v, and a zero row 256 for the positions before the sequence
+        (the causal left padding: zero vectors in forward). Row 257·j + v holds P_j[v]. Built once
+        per call of `score` (256·k·dim² multiply-adds), whatever the number of chunks."""
+        # P[j, v] = W_j E[v]
+        P = torch.einsum("vi,oij->jvo", self.embed.weight, self.convs[0].weight)   # (k, 256, dim)
+        return F.pad(P, (0, 0, 0, 1)).flatten(0, 1)                                 # (k·257, dim)
+
+    @torch.no_grad()
+    def forward_by_lookup(self, x, tables=None):
         """The same s(x; α) as forward, computed faster (no graph): what `score` runs on a big batch.
+        tables: `lookup_tables()`, built here when None (pass them to reuse them across chunks).
 
         The first convolution reads embedded bytes, and a convolution is linear, so with the
         kernel's taps W_j (dim × dim, j = 0 … k−1) and the embedding table E (256 × dim):
             conv(embed(x))_t = c + Σ_j W_j E[x_{t−k+1+j}] = c + Σ_j P_j[x_{t−k+1+j}],   P_j = E W_jᵀ
         k table lookups and adds per byte instead of k·dim² multiply-adds. The tables P_j
-        (256 × dim each) cost 256·k·dim² once per call; F.embedding_bag sums the k rows without
+        (256 × dim each) cost 256·k·dim² once; F.embedding_bag sums the k rows without
         materialising them. The causal left padding (zero vectors in forward) looks up a zero row.
         tests/test_weighter.py checks it against forward."""
         k, conv = self.kernel, self.convs[0]
-        # P[j, v] = W_j E[v], and a zero row 256 for the positions before the sequence
-        P = torch.einsum("vi,oij->jvo", self.embed.weight, conv.weight)              # (k, 256, dim)
-        P = F.pad(P, (0, 0, 0, 1)).flatten(0, 1)                                      # (k·257, dim)
-        x_pad = F.pad(x.int(), (k - 1, 0), value=256)                                 # (B, T+k−1)
+        P = self.lookup_tables() if tables is None else tables                      # (k·257, dim)
+        x_pad = F.pad(x.int(), (k - 1, 0), value=256)                               # (B, T+k−1)
         # row of P for tap j at position t: 257·j + x_pad[t + j]
-        rows = x_pad.unfold(1, k, 1) + 257 * torch.arange(k, device=x.device, dtype=torch.int32)  # (B, T, k)
-        h = F.embedding_bag(rows.flatten(0, 1), P, mode="sum") + conv.bias           # (B·T, dim)
-        h = F.relu(h).view(*x.shape, -1).transpose(1, 2)                              # (B, dim, T)
+        taps = 257 * torch.arange(k, device=x.device, dtype=torch.int32)            # (k,)
+        rows = x_pad.unfold(1, k, 1) + taps                                         # (B, T, k)
+        # conv(embed(x))_t = c + Σ_j P_j[x_{t−k+1+j}]
+        h = F.embedding_bag(rows.flatten(0, 1), P, mode="sum") + conv.bias         # (B·T, dim)
+        h = F.relu(h).view(*x.shape, -1).transpose(1, 2)                            # (B, dim, T)
         for conv in self.convs[1:]:
-            h = F.relu(conv(F.pad(h, (k - 1, 0))))                                    # (B, dim, T)
+            h = F.relu(conv(F.pad(h, (k - 1, 0))))                                  # (B, dim, T)
         return self.pool(h, x)
 
     def weights(self, x):
@@ -100,32 +117,44 @@ class LossWeighter(nn.Module):
 
 
 @torch.no_grad()
-def score(weighter, x, chunk=None, by_lookup=True):
+def score(weighter, x, chunk=None):
     """s(x; α) for a big batch, without a graph, in chunks that bound memory. x: (N, T) → (N,)
-    by_lookup=False runs the convolution itself (`diagnose.py bench` times both).
+    float32. Runs `Weighter.forward_by_lookup` with the tables P_j built once for all chunks (the
+    convolution itself, `Weighter.forward`, is the differentiable path training uses).
 
-    Default chunk: rows holding ~2^20 (T, dim) activations (~4 MB a tensor): 256 rows at the `cpu`
-    preset, 32 at the paper's size. On our CPU they are also faster than one big chunk (they stay in
-    cache): 2 threads, |B| = 4096 at the `cpu` preset 65 against 77 ms, the paper's weighter on
-    |B| = 2048 128–140 against 296–307 ms (README, "Step cost")."""
+    Default chunk, by x's device. CPU: rows holding ~2^20 (T, dim) activations (~4 MB a tensor):
+    256 rows at the `cpu` preset, 32 at the paper's size. On our CPU they are also faster than one
+    big chunk (they stay in cache): 2 threads, |B| = 4096 at the `cpu` preset 65 against 77 ms, the
+    paper's weighter on |B| = 2048 128–140 against 296–307 ms (README, "Step cost"). An accelerator
+    (CUDA): ~2^26 activations, 2048 rows at the paper's size (T = 256, dim = 128): few launches."""
     if chunk is None:
-        chunk = max(1, 2 ** 20 // (x.shape[1] * weighter.embed.embedding_dim))
-    f = weighter.forward_by_lookup if by_lookup else weighter
-    return torch.cat([f(x[i:i + chunk]).float() for i in range(0, len(x), chunk)])
+        budget = 2 ** 20 if torch.device(x.device).type == "cpu" else 2 ** 26   # activations a chunk
+        chunk = max(1, budget // (x.shape[1] * weighter.embed.embedding_dim))
+    tables = weighter.lookup_tables()                                          # (k·257, dim), once
+    return torch.cat([weighter.forward_by_lookup(x[i:i + chunk], tables).float()
+                      for i in range(0, len(x), chunk)])                        # (N,)
 
 
 def filter_batch(s, b, how, generator=None):
     """filter(B, α, b) of Algorithm 1: indices of the b examples (of |B| = len(s)) to train on.
 
-    s: (|B|,) scores, so that log w = s − logsumexp(s); returns (b,) long indices into B."""
+    s: (|B|,) scores on any device, so that log w = s − logsumexp(s); returns (b,) long indices
+    into B, on s.device. generator: a CPU torch.Generator (or None: the global CPU generator).
+    Every random draw is made on the CPU and then moved to s.device (a CPU generator cannot drive
+    a CUDA draw): a seed consumes the generator the same way, and given the same scores selects the
+    same examples, whatever the device of s."""
     if how == "importance":
         # b i.i.d. draws from w (with replacement): unbiased for Σ_B w ℓ, but repeats examples
-        return torch.multinomial(torch.softmax(s, 0), b, replacement=True, generator=generator)
+        w = torch.softmax(s.cpu(), 0)                              # (|B|,) w, computed on the CPU
+        return torch.multinomial(w, b, replacement=True, generator=generator).to(s.device)
     if how == "without_replacement":
         # Gumbel top-k: top_k(log w + G), G = −log(−log U), U ~ Uniform(0, 1), is a draw of b
-        # distinct examples, each next one ∝ w among those not yet drawn
-        u = torch.rand(s.shape, generator=generator, device=s.device).clamp_(1e-20, 1.0)
-        return torch.topk(s - torch.log(-torch.log(u)), b).indices
+        # distinct examples, each next one ∝ w among those not yet drawn. U and G: float32, CPU
+        u = torch.rand(s.shape, generator=generator).clamp_(1e-20, 1.0)       # (|B|,) U
+        # −G = log(−log U), computed on the CPU, then moved to s.device
+        minus_g = torch.log(-torch.log(u)).to(s.device)                         # (|B|,)
+        # log w + G = s + G − logsumexp(s): the constant does not change the top-k
+        return torch.topk(s - minus_g, b).indices
     if how == "top":
         return torch.topk(s, b).indices
     raise ValueError(f"unknown filter {how!r}")
@@ -133,4 +162,58 @@ def filter_batch(s, b, how, generator=None):
 
 def effective_sample_size(w):
     """ESS = (Σ w)² / Σ w² of a weight vector: |B| for uniform weights, 1 for a one-hot."""
-    return (w.sum() ** 2 / (w ** 2).sum()).item()
+    return (w.sum() ** 2 / (w ** 2).sum()).detach()         # a 0-dim tensor: no host synchronisation
+
+
+# ---------------------------------------------------------------------------------------------------
+# weighting networks saved by a run, for the section-6 experiments (train.py's frozen and shuffled)
+
+def load_weighter(path, flag="--weighter_ckpt"):
+    """The text-scoring α a run saved (a run dir, its ckpt.pt or a weighters/step_N.pt snapshot) →
+    (Weighter in eval mode, checkpoint dict). Its size is read from that run's config."""
+    st = read_checkpoint(os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path, flag)
+    sd, c = st.get("weighter"), st.get("config", {})
+    if sd is None or "embed.weight" not in sd:
+        raise DataError(f"{flag}: {path} has no weighting network that scores text "
+                        f"(method {c.get('method')!r})")
+    n_conv = sum(1 for k in sd if k.startswith("convs.") and k.endswith(".weight"))
+    w = Weighter(c.get("weighter_dim", 128), c.get("weighter_kernel", 7), n_conv)
+    try:
+        w.load_state_dict(sd)
+    except RuntimeError:
+        raise DataError(f"{flag}: {path}: its weighting network does not match its config") from None
+    return w.requires_grad_(False).eval(), st
+
+
+def save_snapshot(weighter, out_dir, step, cfg):
+    """α_t to out_dir/weighters/step_t.pt (a few 100 kB), with what load_weighter needs of the config."""
+    os.makedirs(os.path.join(out_dir, "weighters"), exist_ok=True)
+    snap = {"step": step, "weighter": weighter.state_dict(),
+            "config": {k: cfg[k] for k in ("method", "weighter_dim", "weighter_kernel", "seq_len")}}
+    path = os.path.join(out_dir, "weighters", f"step_{step}.pt")
+    torch.save(snap, path + ".tmp")
+    os.replace(path + ".tmp", path)      # atomic: a snapshot is whole or absent
+
+
+class Replay:
+    """Section 6.1's shuffled weighting: the α_t a run saved, replayed in a random order σ (by seed).
+    The run's n_steps are cut into K equal segments, one per snapshot; segment j uses α_{t_σ(j)}."""
+
+    def __init__(self, path, seed):
+        d = os.path.join(path, "weighters") if os.path.isdir(os.path.join(path, "weighters")) else path
+        files = [f for f in os.listdir(d) if re.fullmatch(r"step_\d+\.pt", f)] if os.path.isdir(d) else []
+        if not files:
+            raise DataError(f"--weighter_trajectory: no weighters/step_N.pt snapshots in {path}")
+        # the snapshots sorted by their step t
+        self.files = [os.path.join(d, f) for f in sorted(files, key=lambda f: int(f[5:-3]))]
+        self.sigma = torch.randperm(len(self.files), generator=torch.Generator().manual_seed(seed))   # σ
+        self.segment = None          # the segment whose α is loaded: none yet (also after a resume)
+
+    def load(self, weighter, step, n_steps):
+        """Load α_{t_σ(j)} into weighter when step enters segment j of K equal segments of n_steps."""
+        K = len(self.files)
+        j = min(K - 1, step * K // n_steps)
+        if j != self.segment:
+            st = torch.load(self.files[int(self.sigma[j])], map_location="cpu", weights_only=True)
+            weighter.load_state_dict(st["weighter"])
+            self.segment = j

@@ -13,7 +13,7 @@ torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from model import build_model  # noqa: E402
+from model import ByteLM  # noqa: E402
 from weighter import Weighter  # noqa: E402
 
 # the tiny transformer every unit test uses: a few thousand parameters, milliseconds per step
@@ -22,7 +22,7 @@ TINY = dict(n_layer=1, n_head=2, n_embd=16, n_hidden=32, seq_len=12, dropout=0.0
 
 def tiny_model(seed=0, dtype=torch.float64):
     torch.manual_seed(seed)
-    return build_model(**TINY).to(dtype)
+    return ByteLM.from_config(TINY).to(dtype)
 
 
 def tiny_weighter(seed=1, dtype=torch.float64):

@@ -4,20 +4,20 @@ DDS     reverse-over-reverse autograd through the look-ahead, finite differences
 SOBA    finite-difference Hessian-vector products, brute-force per-example gradients, and a weighted
         ridge regression / weighted mean problem whose hypergradient has a closed form
 Anograd finite differences of the cosine, and the scale invariance of a
-filter   frequencies of the three filters over many draws
-Brute force = a loop of autograd.grad, one per example; everything in float64.
+filter   frequencies of the three filters over many draws, and their use of the CPU generator
+Brute force = a loop of autograd.grad, one per example; everything in float64. The forward-mode
+references of per_example_dot (`per_example_dot_jvp`) and of soba_terms
+(`soba_terms_forward_over_reverse`) live here.
 """
-
-import math
 
 import pytest
 import torch
 import torch.nn as nn
-from torch.func import functional_call
+from torch.func import functional_call, grad, jvp
 
 import bilevel
 from conftest import TINY, random_bytes, tiny_model, tiny_weighter
-from model import build_model, second_order
+from model import ByteLM, second_order
 from weighter import filter_batch
 
 
@@ -75,6 +75,32 @@ def directional_fd(f, module, direction, eps=1e-5):
     fm = f()
     shifted(module, direction, eps)
     return (fp - fm) / (2 * eps)
+
+
+def per_example_dot_jvp(model, theta, x, u):
+    """The same (ℓ, c) as `bilevel.per_example_dot`, by one Jacobian–vector product (forward-mode
+    autodiff): the jvp of θ ↦ ℓ(x; θ) in the direction u is d/dt ℓ(x; θ + t u) at t = 0 = ⟨∇ℓ(x; θ), u⟩.
+    The textbook route, for any model; it needs attention's math path and costs more."""
+    primal = {k: t.detach() for k, t in theta.items()}
+    tangent = {k: u[k].detach().to(t.dtype) for k, t in primal.items()}
+    with second_order(model):     # the fused attention kernel has no forward-mode derivative
+        losses, c = jvp(lambda th: bilevel.loss_at(model, th, x), (primal,), (tangent,))
+    return losses.detach(), c.detach()
+
+
+def soba_terms_forward_over_reverse(model, x, v):
+    """The same (ℓ, g, H v, c) as `bilevel.soba_terms`, by forward over reverse, as the reference
+    code computes H v: one Jacobian–vector product, in the direction v, of θ ↦ (∇_θ mean ℓ(x; θ), ℓ(x; θ)):
+        tangent of ∇_θ mean ℓ = H v,     tangent of ℓ(x; θ) = ⟨∇_θ ℓ(x; θ), v⟩ = c."""
+    primal = {k: t.detach() for k, t in bilevel.theta_of(model).items()}
+    tangent = {k: v[k].detach().to(t.dtype) for k, t in primal.items()}
+
+    def mean_loss(theta):
+        losses = bilevel.loss_at(model, theta, x)                               # (b,)
+        return losses.mean(), losses
+    with second_order(model):
+        (g, losses), (Hv, c) = jvp(grad(mean_loss, has_aux=True), (primal,), (tangent,))
+    return losses.detach(), {k: t.detach() for k, t in g.items()}, Hv, c
 
 
 def unflatten_like(vec, model):
@@ -152,7 +178,7 @@ def test_dds_small_rho_limit_is_minus_rho_gradient_alignment(setup):
 # ----------------------------------------------------------------------------------------------
 # per_example_dot: c(x) = ⟨∇ℓ(x; θ), u⟩ by per-example step sizes (and by one JVP)
 
-@pytest.mark.parametrize("fn", [bilevel.per_example_dot, bilevel.per_example_dot_jvp])
+@pytest.mark.parametrize("fn", [bilevel.per_example_dot, per_example_dot_jvp])
 def test_per_example_dot_matches_brute_force(setup, fn):
     model, _, xg, _ = setup
     u_flat = torch.randn(sum(p.numel() for p in model.parameters()),
@@ -167,7 +193,7 @@ def test_per_example_dot_with_frozen_blocks_and_dropout():
     """θ without a frozen block (ScaleBiO's LISA freezes some): u is 0 there. In train mode with
     dropout, both routes see the same dropout masks when the RNG is reset."""
     torch.manual_seed(0)
-    model = build_model(**{**TINY, "n_layer": 2, "dropout": 0.3}).double().train()
+    model = ByteLM.from_config({**TINY, "n_layer": 2, "dropout": 0.3}).double().train()
     for p in model.blocks[0].parameters():
         p.requires_grad_(False)
     theta = bilevel.theta_of(model)
@@ -177,7 +203,7 @@ def test_per_example_dot_with_frozen_blocks_and_dropout():
     torch.manual_seed(1)
     losses, c = bilevel.per_example_dot(model, theta, x, u)
     torch.manual_seed(1)
-    losses_ref, c_ref = bilevel.per_example_dot_jvp(model, theta, x, u)
+    losses_ref, c_ref = per_example_dot_jvp(model, theta, x, u)
     torch.testing.assert_close(losses, losses_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(c, c_ref, rtol=1e-9, atol=1e-10 * c_ref.abs().max().item())
 
@@ -198,7 +224,7 @@ def test_per_example_dot_refuses_a_layer_it_cannot_linearise():
     theta = bilevel.theta_of(model)
     with pytest.raises(TypeError, match="PReLU"):
         bilevel.per_example_dot(model, theta, random_bytes(2, 3, seed=0), theta)
-    bilevel.per_example_dot_jvp(model, theta, random_bytes(2, 3, seed=0), theta)   # the JVP takes any layer
+    per_example_dot_jvp(model, theta, random_bytes(2, 3, seed=0), theta)   # the JVP takes any layer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,11 +273,11 @@ def test_soba_alpha_direction_and_gradient_match_brute_force(setup):
 
 def test_soba_terms_forward_over_reverse_agree_with_brute_force(setup):
     """Both ways of computing (ℓ, g, H v, c) — reverse over reverse (soba_step's) and forward over
-    reverse (the reference code's, timed by `diagnose.py bench`) — against brute force."""
+    reverse (the reference code's, above) — against brute force."""
     model, _, xg, _ = setup
     v = random_v(model)
     c_ref = per_example_grads(model, xg) @ flat(v.values())                    # (b,) ⟨∇ℓ(x), v⟩
-    for terms in (bilevel.soba_terms, bilevel.soba_terms_forward_over_reverse):
+    for terms in (bilevel.soba_terms, soba_terms_forward_over_reverse):
         losses, g, hv, c = terms(model, xg, v)
         torch.testing.assert_close(c, c_ref, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(flat(g.values()), mean_grad(model, xg), rtol=1e-12, atol=1e-14)
@@ -499,10 +525,58 @@ def test_top_filter_is_deterministic_top_k():
         filter_batch(S, 2, "nonsense", gen)
 
 
-def test_filters_return_long_indices_in_range():
+def test_filters_return_distinct_in_range_long_indices_and_gumbel_top_1_follows_w():
     gen = torch.Generator().manual_seed(4)
+    s = S.float()                                                           # float32 scores
     for how in ("importance", "without_replacement", "top"):
-        idx = filter_batch(S.float(), 3, how, gen)
-        assert idx.dtype == torch.long and idx.shape == (3,)
-        assert 0 <= idx.min() and idx.max() < len(S)
-        assert math.isfinite(float(idx.sum()))
+        for b in (1, 3, 6):
+            idx = filter_batch(s, b, how, gen)
+            assert idx.dtype == torch.long and idx.shape == (b,) and idx.device == s.device
+            assert bool(((0 <= idx) & (idx < len(s))).all()), idx
+            if how != "importance":
+                assert len(set(idx.tolist())) == b                        # distinct examples
+    for b in (1, 3, 6):
+        assert torch.equal(filter_batch(s, b, "top"), torch.argsort(s, descending=True)[:b])
+    # Gumbel top-1 = one draw from w = softmax(s): inclusion frequencies within 4.5 standard errors
+    n = 4000
+    counts = torch.zeros(len(s), dtype=torch.float64)
+    for _ in range(n):
+        counts[filter_batch(s, 1, "without_replacement", gen)] += 1
+    w = torch.softmax(s.double(), 0)
+    se = (w * (1 - w) / n).sqrt()
+    assert ((counts / n - w).abs() < 4.5 * se).all(), (counts / n, w)
+
+
+def test_filter_draws_come_from_the_cpu_generator_whatever_the_device_of_s():
+    """Every draw is made on the CPU with the CPU generator, then moved to s.device: the same numbers
+    as a by-hand computation on the CPU, and the generator advances the same way for a tensor on
+    another device ('meta' here: no data, but the draws must still be taken from the generator; a
+    draw made on s.device would either leave it untouched or, on CUDA, be refused)."""
+    s = torch.randn(50, generator=torch.Generator().manual_seed(7))                 # float32
+    for b in (1, 5):
+        g, g_ref = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        # without_replacement: top_k(s + G), G = −log(−log U), U drawn on the CPU in float32
+        u = torch.rand(s.shape, generator=g_ref).clamp_(1e-20, 1.0)
+        expected = torch.topk(s - torch.log(-torch.log(u)), b).indices
+        assert torch.equal(filter_batch(s, b, "without_replacement", g), expected)
+        assert torch.equal(g.get_state(), g_ref.get_state())
+        idx = filter_batch(s.to("meta"), b, "without_replacement", g)
+        torch.rand(s.shape, generator=g_ref)
+        assert idx.device.type == "meta" and idx.shape == (b,) and idx.dtype == torch.long
+        assert torch.equal(g.get_state(), g_ref.get_state())
+        # importance: b draws from the CPU probabilities
+        expected = torch.multinomial(torch.softmax(s, 0), b, replacement=True, generator=g_ref)
+        assert torch.equal(filter_batch(s, b, "importance", g), expected)
+        assert torch.equal(g.get_state(), g_ref.get_state())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_filter_on_cuda_with_a_cpu_generator_selects_what_the_cpu_selects():
+    s = torch.randn(4096, generator=torch.Generator().manual_seed(8))              # float32
+    for how in ("importance", "without_replacement", "top"):
+        g_cpu, g_cuda = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+        on_cpu = filter_batch(s, 64, how, g_cpu)
+        on_cuda = filter_batch(s.cuda(), 64, how, g_cuda)
+        assert on_cuda.device.type == "cuda" and on_cuda.dtype == torch.long
+        assert torch.equal(on_cuda.cpu(), on_cpu), how
+        assert torch.equal(g_cuda.get_state(), g_cpu.get_state())

@@ -100,19 +100,19 @@ def test_mismatched_checkpoint(tmp_path):
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    """A non-finite loss at step 5 stops the run with a one-line error naming the step; the
-    checkpoint of step 4 stays as it was."""
+    """A non-finite gradient at step 5 stops the run with a one-line error naming the step, before θ
+    takes the step; the checkpoint of step 4 stays as it was."""
     import torch
     sys.path.insert(0, ROOT)
     import train
-    original = train.STEPS["baseline"]
+    original = train.METHODS["baseline"]
 
     def poisoned(ctx, step):
-        idx = original(ctx, step)
-        if step == 5:
-            ctx.last_loss = float("nan")
-        return idx
-    monkeypatch.setitem(train.STEPS, "baseline", poisoned)
+        if step == 5:     # a NaN in θ: the loss and the gradient of step 5 are NaN
+            with torch.no_grad():
+                next(ctx.model.parameters()).fill_(float("nan"))
+        return original(ctx, step)
+    monkeypatch.setitem(train.METHODS, "baseline", poisoned)
     out = tmp_path / "out"
     assert train.main([f"--out_dir={out}", *TINY, "--method=baseline", "--max_steps=20"]) == 2
     ck = torch.load(out / "ckpt.pt", weights_only=True)

@@ -1,11 +1,13 @@
-"""Tests for diagnose.py (sar, weights, select, compare, table) and train.py's section-6 methods
-(frozen, shuffled). Everything runs on tiny corpora and models in seconds on a CPU."""
+"""Tests for diagnose.py (--help, sar, weights, select, compare, table, bench, gpucheck) and train.py's
+section-6 methods (frozen, shuffled). Everything runs on tiny corpora and models in seconds on a CPU."""
 
 import gzip
+import inspect
 import json
 import math
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -14,10 +16,14 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
 import diagnose  # noqa: E402
 import train  # noqa: E402
+import weighter  # noqa: E402
 from model import ByteLM, ModelConfig  # noqa: E402
 from weighter import Weighter, score  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -44,6 +50,12 @@ def doc(source, i, split):
     return {"text": text, "source": source, "split": split}
 
 
+def specific_set(path, source):
+    """A specific set of one kind of text: 30 training documents, 10 valid, 10 test."""
+    return write_jsonl(path, [doc(source, 1000 + i, "train") for i in range(30)] +
+                       [doc(source, 2000 + i, s) for i, s in enumerate(["valid", "test"] * 10)])
+
+
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpora")
@@ -52,18 +64,15 @@ def corpora(tmp_path_factory):
     for src in ("news", "code", "noise"):
         write_jsonl(gen / f"{src}.jsonl", [doc(src, i, "train") for i in range(60)] +
                     [doc(src, 100 + i, "valid") for i in range(10)] + [doc(src, 200 + i, "test") for i in range(5)])
-    spec = write_jsonl(d / "specific.jsonl", [doc("news", 1000 + i, "train") for i in range(30)] +
-                       [doc("news", 2000 + i, s) for i, s in enumerate(["valid", "test"] * 10)])
-    return str(gen), spec
+    return str(gen), specific_set(d / "specific.jsonl", "news")
 
 
 def train_run(out_dir, corpora, *extra):
     gen, spec = corpora
+    defaults = diagnose.train_defaults()
     cfg = train.parse_args(TINY + [f"--generic={gen}", f"--specific={spec}", f"--out_dir={out_dir}"] + list(extra),
-                           diagnose.train_defaults())
-    ctx, code = train.run(cfg)
-    assert code == 0
-    return ctx
+                           defaults)
+    assert train.run(cfg, defaults) == 0
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +80,67 @@ def soba_run(tmp_path_factory, corpora):
     out = str(tmp_path_factory.mktemp("runs") / "soba")
     train_run(out, corpora, "--method=soba", "--max_steps=4", "--finetune_steps=2")
     return out
+
+
+def one_line_error(capsys):
+    """The stderr of a refused command: exactly one line, `error: ...`."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def normal_mode(path):
+    """A file created by open() honours the umask (0644 under the usual 022); tempfile's would be 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
+
+
+# -----------------------------------------------------------------------------------------------
+# --help: generated from the option tables; unknown options
+
+def test_help_lists_subcommands_and_every_option_with_default_and_meaning(capsys):
+    assert diagnose.main(["-h"]) == 0
+    short = capsys.readouterr().out
+    assert diagnose.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out == short
+    for sub, (fn, _, _) in diagnose.COMMANDS.items():                   # one line each: its docstring's first
+        assert [line.split(None, 1) for line in out.splitlines() if line.startswith(f"  {sub} ")] == [
+            [sub, fn.__doc__.splitlines()[0]]]
+    assert set(diagnose.COMMANDS) == {"sar", "weights", "select", "compare", "table", "bench", "gpucheck"}
+    for sub, (fn, table, train_settings) in diagnose.COMMANDS.items():
+        assert diagnose.main([sub, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: python diagnose.py {sub} --key=value")
+        assert inspect.cleandoc(fn.__doc__) in out                      # what it does, then its options
+        for key, (default, meaning) in table.items():
+            assert isinstance(meaning, str) and meaning and "\n" not in meaning
+            line = next(line for line in out.splitlines() if line.strip().startswith(f"--{key}="))
+            assert line.strip().startswith(f"--{key}={default}") and line.rstrip().endswith(meaning)
+        assert ("python train.py --help" in out) == train_settings
+    assert {s for s, (_, _, t) in diagnose.COMMANDS.items() if t} == {"sar", "table", "bench", "gpucheck"}
+    assert diagnose.main(["select", "-h"]) == 0 and "--first_docs=False" in capsys.readouterr().out
+
+
+def test_help_and_errors_from_the_command_line():
+    run = lambda *a: subprocess.run([sys.executable, "diagnose.py", *a], cwd=ROOT, capture_output=True, text=True)
+    p = run("--help")
+    assert p.returncode == 0 and "gpucheck" in p.stdout and not p.stderr
+    p = run("compare", "--bogus=1")
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "error: --bogus: unknown option of `compare` (see python diagnose.py compare --help)"]
+
+
+def test_cli_errors(capsys):
+    assert diagnose.main(["nope"]) == 2
+    assert diagnose.main(["compare", "--bogus=1"]) == 2
+    assert diagnose.main(["compare", "positional"]) == 2
+    assert diagnose.main(["select", "--run"]) == 2                      # a non-bool option needs =VALUE
+    assert diagnose.main(["select", "--sample=many"]) == 2              # and a value of its default's type
+    err = capsys.readouterr().err
+    assert err.count("error:") == 5 and all(line.startswith("error: ") for line in err.strip().splitlines())
+    assert "--bogus" in err and "positional" in err and "--run" in err and "--sample" in err
 
 
 # -----------------------------------------------------------------------------------------------
@@ -130,23 +200,37 @@ def test_sar_cli_pretrains_and_reads_a_checkpoint(corpora, soba_run, tmp_path, c
                         "--n_examples=4", f"--out_json={out}", f"--save_ckpt={tmp_path}/theta.pt"] + TINY)
     assert rc == 0
     res = json.loads(out.read_text())
-    assert res["sar"]["n"] == res["gar"]["n"] == 12 and 0 <= res["sar"]["rate"] <= 1
-    assert "SAR" in capsys.readouterr().out
+    assert res["sar"]["n"] == res["gar"]["n"] == 12 and 0 <= res["sar"]["rate"] <= 1 and res["theta_steps"] == 2
+    captured = capsys.readouterr()
+    # what the rates mean (section 6.3, Table 8), and a one-line warning: θ has trained 2 < 200 steps
+    assert "SAR" in captured.out and "86.2%" in captured.out and "69.4%" in captured.out
+    assert "which is where data selection helps" in " ".join(captured.out.split())
+    warning = captured.err.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith("warning: θ trained 2 steps (< 200)") and "not meaningful" in warning[0]
+    assert normal_mode(out) and normal_mode(tmp_path / "theta.pt")
     # the same θ read back: the same rates (same seed, same draws)
     assert diagnose.main(["sar", f"--ckpt={tmp_path}/theta.pt", "--draws=3", "--n_examples=4", f"--out_json={out}"]) == 0
     again = json.loads(out.read_text())
     assert again["sar"]["rate"] == res["sar"]["rate"] and again["gar"]["rate"] == res["gar"]["rate"]
+    # a θ that has trained long enough: no warning
+    st = torch.load(tmp_path / "theta.pt", weights_only=True)
+    torch.save({**st, "step": 250}, tmp_path / "theta250.pt")
+    capsys.readouterr()
+    assert diagnose.main(["sar", f"--ckpt={tmp_path}/theta250.pt", "--draws=2", "--n_examples=3"]) == 0
+    assert "warning" not in capsys.readouterr().err
     assert diagnose.main(["sar", f"--ckpt={soba_run}/ckpt.pt", "--draws=2", "--n_examples=3"]) == 0
+    capsys.readouterr()
     assert diagnose.main(["sar", f"--ckpt={tmp_path}/none.pt"]) == 2
+    assert f"{tmp_path}/none.pt" in one_line_error(capsys)
 
 
 # -----------------------------------------------------------------------------------------------
 # compare: time to a target loss on hand-made logs
 
-def fake_run(d, method, losses, elapsed, summary=None):
+def fake_run(d, method, losses, elapsed, summary=None, **config):
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump({"method": method}, f)
+        json.dump({"method": method, **config}, f)
     with open(os.path.join(d, "log.jsonl"), "w") as f:
         for i, (loss, t) in enumerate(zip(losses, elapsed)):
             f.write(json.dumps({"step": 100 * (i + 1), "phase": "pretrain", "elapsed_s": t,
@@ -175,21 +259,42 @@ def test_compare_speedups(tmp_path, capsys):
     soba = fake_run(str(tmp_path / "soba"), "soba", [1.9, 1.5, 1.3, 1.2, 1.1], [15, 30, 45, 60, 75],
                     summary={"steps": 500, "specific_valid_loss": 1.1, "specific_test_loss": 1.11, "ms_per_step": 150.0})
     out = tmp_path / "cmp.md"
-    assert diagnose.main(["compare", f"--runs={base},{soba}", f"--out={out}"]) == 0
+    assert diagnose.main(["compare", f"--runs={soba},{base}", f"--out={out}"]) == 0
     res = json.loads((tmp_path / "cmp.json").read_text())
-    assert res["target"] == 1.4 and res["baseline"] == base          # default: the baseline's final loss
+    assert res["target"] == 1.4 and res["baseline"] == base          # the run whose method is baseline, not the first
     r = res["runs"][soba]
     assert r["steps_to_target"] == pytest.approx(250) and r["seconds_to_target"] == pytest.approx(37.5)
     assert r["speedup_steps"] == pytest.approx(2.0) and r["speedup_time"] == pytest.approx(50 / 37.5)
     assert res["runs"][base]["speedup_time"] == pytest.approx(1.0)
     assert "2.00x" in capsys.readouterr().out and "2.00x" in out.read_text()
+    assert normal_mode(out) and normal_mode(tmp_path / "cmp.json")
     assert diagnose.main(["compare", f"--runs={base},{soba}", "--target=1.0"]) == 0
     assert "not reached" in capsys.readouterr().out
     assert diagnose.main(["compare", f"--runs={tmp_path}/missing"]) == 2
+    assert f"{tmp_path}/missing" in one_line_error(capsys)
+
+
+def test_compare_needs_a_baseline_and_one_specific_set(tmp_path, capsys):
+    a = fake_run(str(tmp_path / "a"), "soba", [2.0, 1.5], [10, 20], specific="reuters.jsonl")
+    b = fake_run(str(tmp_path / "b"), "dds", [2.0, 1.6], [10, 20], specific="reuters.jsonl")
+    assert diagnose.main(["compare", f"--runs={a},{b}"]) == 2                # no run trained as the baseline
+    assert "--baseline" in one_line_error(capsys)
+    assert diagnose.main(["compare", f"--runs={a},{b}", f"--baseline={b}"]) == 0
+    assert "(baseline)" in capsys.readouterr().out
+    base = fake_run(str(tmp_path / "base"), "baseline", [2.0, 1.8], [10, 20], specific="reuters.jsonl")
+    other = fake_run(str(tmp_path / "other"), "soba", [2.0, 1.5], [10, 20], specific="pubmed.jsonl")
+    few = fake_run(str(tmp_path / "few"), "soba", [2.0, 1.5], [10, 20], specific="reuters.jsonl",
+                   specific_train_docs=100)
+    out = tmp_path / "cmp.md"
+    for run in (other, few):                  # another specific set, or another subset of it: refused
+        assert diagnose.main(["compare", f"--runs={base},{run}", f"--out={out}"]) == 2
+        assert run in one_line_error(capsys) and not out.exists()
+        assert diagnose.main(["compare", f"--runs={base},{run}", "--force"]) == 0
+    assert diagnose.main(["compare", f"--runs={base},{a}"]) == 0
 
 
 # -----------------------------------------------------------------------------------------------
-# select: exact top-k, atomic output, never the input, O(k) memory
+# select: exact top-k, atomic output, never the input, O(k) memory, a uniform --max_docs sample
 
 @pytest.fixture
 def scored_corpus(tmp_path):
@@ -203,12 +308,12 @@ def scored_corpus(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", docs[:20])
     b = write_jsonl(tmp_path / "b.jsonl.gz", docs[20:])
     # the expected score of each document: s(x; α) of its first 16 normalised bytes
-    x = torch.stack([diagnose.doc_windows(diagnose.data.encode(d["text"]), 16, "first")[0] for d in docs])
+    x = torch.stack([diagnose.doc_windows(data.encode(d["text"]), 16, "first")[0] for d in docs])
     return str(ckpt), f"{a},{b}", docs, score(w.eval(), x)
 
 
 def read_out(path):
-    with open(path, encoding="utf-8") as f:
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 
 
@@ -226,6 +331,7 @@ def test_select_top_k_exact(scored_corpus, tmp_path, monkeypatch, capsys):
         i = [d["text"] for d in docs].index(r["text"])
         assert r["source"] == docs[i]["source"] and r["score"] == pytest.approx(s[i].item(), abs=1e-5)
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    assert normal_mode(out)                              # not tempfile's 0600
     # --fraction: k = ⌈fraction · N⌉ after a counting pass, same top set
     assert diagnose.main(["select", f"--run={run}", f"--input={inp}", f"--output={out}", "--fraction=0.2"]) == 0
     assert {r["text"] for r in read_out(out)} == {docs[i]["text"] for i in torch.topk(s, 9).indices.tolist()}
@@ -236,14 +342,45 @@ def test_select_top_k_exact(scored_corpus, tmp_path, monkeypatch, capsys):
         assert f"| {src} | {n} | {n / 9:.3f} | 0.333 | {(n / 9) / (1 / 3):.2f}x |" in report
 
 
+def test_select_max_docs_draws_uniformly_over_the_whole_input(scored_corpus, tmp_path):
+    run, inp, docs, _ = scored_corpus
+    texts = [d["text"] for d in docs]
+    picked = {}
+    for seed in (0, 0, 1):          # --fraction=1: every document read is written, in reading order
+        out = tmp_path / f"max{seed}.jsonl"
+        assert diagnose.main(["select", f"--run={run}", f"--input={inp}", f"--output={out}", "--fraction=1",
+                              "--max_docs=10", f"--seed={seed}"]) == 0
+        idx = [texts.index(r["text"]) for r in read_out(out)]
+        assert len(idx) == 10 and idx == sorted(idx)
+        assert picked.setdefault(seed, idx) == idx      # seeded: the same draw again
+    assert picked[0] != picked[1] and picked[0] != list(range(10))
+    # uniform over the whole input: over 6 more seeds, the second file (25 of the 45 documents) gives
+    # about 25/45 of the documents read, and most documents are read at least once
+    second, seen = 0, set()
+    for seed in range(2, 8):
+        out = tmp_path / "max.jsonl"
+        assert diagnose.main(["select", f"--run={run}", f"--input={inp}", f"--output={out}", "--fraction=1",
+                              "--max_docs=10", f"--seed={seed}"]) == 0
+        idx = [texts.index(r["text"]) for r in read_out(out)]
+        second, seen = second + sum(i >= 20 for i in idx), seen | set(idx)
+    assert 20 <= second <= 47 and len(seen) >= 30          # expected 33.3 and 33.8
+    out = tmp_path / "first.jsonl"
+    assert diagnose.main(["select", f"--run={run}", f"--input={inp}", f"--output={out}", "--fraction=1",
+                          "--max_docs=10", "--first_docs"]) == 0
+    assert [r["text"] for r in read_out(out)] == texts[:10]            # the first 10, in file order
+    assert diagnose.main(["select", f"--run={run}", f"--input={inp}", f"--output={out}", "--fraction=0.5",
+                          "--max_docs=100"]) == 0                       # more than the corpus holds: all 45
+    assert len(read_out(out)) == 23
+
+
 def test_select_sample_and_mean_modes(scored_corpus, tmp_path):
     run, inp, docs, _ = scored_corpus
     out = tmp_path / "sel.jsonl.gz"
     assert diagnose.main(["select", f"--run={run}", f"--input={inp}", f"--output={out}", "--sample=10",
                           "--mode=sample", "--doc_score=mean"]) == 0
-    with gzip.open(out, "rt") as f:
-        got = [json.loads(line) for line in f]
+    got = read_out(out)
     assert len(got) == len({r["text"] for r in got}) == 10
+    assert normal_mode(out)
     # a draw ∝ exp(s), not the top-k: another seed draws another set
     out2 = tmp_path / "sel2.jsonl"
     assert diagnose.main(["select", f"--run={run}", f"--input={inp}", f"--output={out2}", "--sample=10",
@@ -251,7 +388,7 @@ def test_select_sample_and_mean_modes(scored_corpus, tmp_path):
     assert {r["text"] for r in read_out(out2)} != {r["text"] for r in got}
 
 
-def test_select_refuses_its_input_and_bad_options(scored_corpus, tmp_path):
+def test_select_refuses_its_input_and_bad_options(scored_corpus, tmp_path, capsys):
     run, inp, _, _ = scored_corpus
     a = inp.split(",")[0]
     before = open(a).read()
@@ -262,6 +399,15 @@ def test_select_refuses_its_input_and_bad_options(scored_corpus, tmp_path):
     assert diagnose.main(["select", f"--run={run}", f"--input={inp}", out]) == 2                     # no k
     assert diagnose.main(["select", f"--run={run}", f"--input={inp}", out, "--sample=3", "--mode=x"]) == 2
     assert diagnose.main(["select", f"--run={tmp_path}", f"--input={inp}", out, "--sample=3"]) == 2  # no ckpt
+    capsys.readouterr()
+    # a bad file half-way through: one line naming it, nothing written
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "fine"}, {"no_text": 1}])
+    assert diagnose.main(["select", f"--run={run}", f"--input={inp},{bad}", out, "--sample=3"]) == 2
+    assert bad in one_line_error(capsys) and not os.path.exists(f"{tmp_path}/o.jsonl")
+    assert diagnose.main(["select", f"--run={run}", f"--input={inp}", f"--output={tmp_path}/no/dir/o.jsonl",
+                          "--sample=3"]) == 2
+    assert f"{tmp_path}/no/dir/o.jsonl" in one_line_error(capsys)
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
 def test_topk_keeps_k_and_earlier_ties():
@@ -273,29 +419,59 @@ def test_topk_keeps_k_and_earlier_ties():
 
 
 # -----------------------------------------------------------------------------------------------
-# weights and table
+# weights
 
-def test_weights_report_on_a_real_run(soba_run, capsys):
+def test_weights_report_on_a_real_run(soba_run, tmp_path, capsys):
     assert diagnose.main(["weights", f"--run={soba_run}", "--n_examples=40", "--bins=4"]) == 0
     out = capsys.readouterr().out
     for text in ("share of the examples trained on", "news", "ESS", "highest-weighted", "Spearman", "score bin"):
         assert text in out
+    assert "plot:" not in out and not os.path.exists(os.path.join(soba_run, "weights.png"))   # only when asked
     assert diagnose.main(["weights", "--run=/nonexistent/run"]) == 2
+    assert "/nonexistent/run" in one_line_error(capsys)
+
+
+def test_weights_plot_only_when_asked_and_only_with_matplotlib(soba_run, tmp_path, capsys):
+    png = tmp_path / "w.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert diagnose.main(["weights", f"--run={soba_run}", f"--plot={png}"]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and not png.exists()       # refused before any report
+        assert captured.err.startswith("error: --plot: needs matplotlib") and captured.err.count("\n") == 1
+    else:
+        assert diagnose.main(["weights", f"--run={soba_run}", f"--plot={png}"]) == 0
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and normal_mode(png)
 
 
 def test_weights_on_a_scalebio_run(corpora, tmp_path, capsys):
     train_run(str(tmp_path), corpora, "--method=scalebio", "--max_steps=2")
-    assert diagnose.main(["weights", f"--run={tmp_path}", "--plot=none"]) == 0
+    assert diagnose.main(["weights", f"--run={tmp_path}"]) == 0
     out = capsys.readouterr().out
     assert "λ (per-source weight)" in out and "| news |" in out and "no text-scoring weighting network" in out
 
 
 def test_weights_on_the_builtin_corpus(tmp_path, capsys):
-    cfg = train.parse_args(TINY + ["--method=soba", "--max_steps=2", f"--out_dir={tmp_path}"], diagnose.train_defaults())
-    assert train.run(cfg)[1] == 0
-    assert diagnose.main(["weights", f"--run={tmp_path}", "--n_examples=30", "--bins=3", "--plot=none"]) == 0
+    defaults = diagnose.train_defaults()
+    cfg = train.parse_args(TINY + ["--method=soba", "--max_steps=2", f"--out_dir={tmp_path}"], defaults)
+    assert train.run(cfg, defaults) == 0
+    assert diagnose.main(["weights", f"--run={tmp_path}", "--n_examples=30", "--bins=3"]) == 0
     assert "target" in capsys.readouterr().out            # the built-in corpus's hidden in-domain source
 
+
+def test_bad_run_directories_give_one_line(tmp_path, capsys):
+    bad = fake_run(str(tmp_path / "bad"), "soba", [2.0], [1])
+    open(os.path.join(bad, "config.json"), "w").write("{not json")
+    for argv in (["weights", f"--run={bad}"], ["compare", f"--runs={bad}"], ["weights", f"--run={tmp_path}"],
+                 ["table", f"--out_dir={tmp_path}", "--seeds=0,x"], ["bench", "--methods=nope"],
+                 ["gpucheck", "--steps=0"], ["sar", "--n_layer=many"]):
+        assert diagnose.main(argv) == 2, argv
+        one_line_error(capsys)
+
+
+# -----------------------------------------------------------------------------------------------
+# table: Table 2 (one specific set) and Table 3 (several, one after another)
 
 def test_table_assembles_from_run_dirs(tmp_path, capsys):
     for m, s, pre, ft in [("baseline", 0, 1.2, 0.9), ("baseline", 1, 1.4, 0.8), ("soba", 0, 1.0, 0.7)]:
@@ -310,6 +486,7 @@ def test_table_assembles_from_run_dirs(tmp_path, capsys):
     md = (tmp_path / "table.md").read_text()
     assert "| Baseline | 1.300 ± 0.141 | 0.850 ± 0.071 |" in md and "| Sparse SOBA | 1.000 | 0.700 |" in md
     assert "| CDS | — | — |" in md and "1.019" in md
+    assert normal_mode(tmp_path / "table.md") and normal_mode(tmp_path / "table.json")
     assert diagnose.main(["table", f"--out_dir={tmp_path}", "--method=soba"]) == 2
 
 
@@ -329,6 +506,35 @@ def test_table_runs_train_py_once_per_method_and_seed(corpora, tmp_path, capsys)
     assert "exists, kept" in capsys.readouterr().out
 
 
+def test_table_runs_every_specific_set_of_a_folder(corpora, tmp_path, capsys):
+    """--specifics=DIR: each file is one specific set, run into OUT_DIR/SET/METHOD_sSEED, and the
+    table has a column per set (the paper's Table 3)."""
+    gen, _ = corpora
+    sets = tmp_path / "sets"
+    sets.mkdir()
+    files = {"news": specific_set(sets / "news.jsonl", "news"), "code": specific_set(sets / "code.jsonl.gz", "code")}
+    args = ["table", f"--out_dir={tmp_path}/t3", "--methods=baseline", "--seeds=0", f"--specifics={sets}",
+            "--max_steps=2", f"--generic={gen}"] + TINY
+    assert diagnose.main(args) == 0
+    summaries = {}
+    for name, path in files.items():
+        summaries[name] = json.loads((tmp_path / "t3" / name / "baseline_s0" / "summary.json").read_text())
+        assert summaries[name]["config"]["specific"] == path
+    assert summaries["news"]["specific_test_loss"] != summaries["code"]["specific_test_loss"]
+    res = json.loads((tmp_path / "t3" / "table.json").read_text())["sets"]
+    assert set(res) == {"news", "code"}
+    for name in files:
+        assert res[name]["baseline"]["pretrain"][0] == pytest.approx(summaries[name]["specific_test_loss"])
+    md = (tmp_path / "t3" / "table.md").read_text()
+    assert "| Method | code | news |" in md and "| + ft. | — | — |" in md
+    assert (f"| Baseline | {summaries['code']['specific_test_loss']:.3f} | "
+            f"{summaries['news']['specific_test_loss']:.3f} |") in md
+    capsys.readouterr()
+    assert diagnose.main(args) == 0 and capsys.readouterr().out.count("exists, kept") == 2   # resumable
+    assert diagnose.main(args + [f"--specific={files['news']}"]) == 2                       # one or the other
+    assert "--specific" in one_line_error(capsys)
+
+
 def test_table_jobs_run_in_parallel_like_one_at_a_time(corpora, tmp_path, capsys):
     gen, spec = corpora
     common = ["--seeds=0,1", "--max_steps=3", f"--generic={gen}", f"--specific={spec}"] + TINY
@@ -346,7 +552,7 @@ def test_table_ctrl_c_stops_every_job_with_a_checkpoint(corpora, tmp_path):
     """SIGINT to `table --jobs=2` reaches both running train.py processes: each writes its checkpoint
     and exits 130, no further run starts, and the table notes the interruption (exit status 1)."""
     gen, spec = corpora
-    cmd = [sys.executable, os.path.join(os.path.dirname(diagnose.__file__), "diagnose.py"), "table",
+    cmd = [sys.executable, os.path.join(ROOT, "diagnose.py"), "table",
            f"--out_dir={tmp_path}", "--methods=baseline,mixing,cds", "--seeds=0", "--jobs=2", "--max_steps=1000000",
            f"--generic={gen}", f"--specific={spec}"] + TINY
     # SIGINT at its default in the child, also when pytest itself runs in the background (`cmd &`
@@ -372,7 +578,8 @@ def test_table_ctrl_c_stops_every_job_with_a_checkpoint(corpora, tmp_path):
     assert "interrupted during baseline seed 0; rerun the same command to continue" in (tmp_path / "table.md").read_text()
 
 
-# bench
+# -----------------------------------------------------------------------------------------------
+# bench and gpucheck
 
 def test_cpu_peak_memory_counts_live_tensors():
     def fn():
@@ -389,28 +596,84 @@ def test_bench_times_whole_outer_cycles(corpora, tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert diagnose.main(["bench", "--methods=soba", "--steps=2", "--warmup=1", "--outer_every=2", "--rounds=3",
                           f"--generic={gen}", f"--specific={spec}", f"--out_json={out}"] + TINY) == 0
-    res = json.loads(out.read_text())["methods"]
+    saved = json.loads(out.read_text())
+    res = saved["methods"]
     assert set(res) == {"baseline", "soba"}
     for r in res.values():                   # the median of the 3 rounds
         assert len(r["ms_per_step_rounds"]) == 3 and r["ms_per_step"] == sorted(r["ms_per_step_rounds"])[1]
+        assert r["trained_bytes_per_s"] == pytest.approx(4 * 32 / (r["ms_per_step"] / 1000))
+        assert r["mfu"] is None                                            # no peak FLOP/s for a CPU
     assert res["soba"]["ratio"] == pytest.approx(res["soba"]["ms_per_step"] / res["baseline"]["ms_per_step"])
     assert res["soba"]["ratio_rounds"] == pytest.approx([a / b for a, b in zip(res["soba"]["ms_per_step_rounds"],
                                                                                res["baseline"]["ms_per_step_rounds"])])
     assert res["soba"]["step_memory_mb"] > 0 and 0 < res["soba"]["score_fraction"]
-    assert set(json.loads(out.read_text())["passes_ms"]) == {"forward_backward", "per_example_dot", "per_example_dot_jvp",
-                                                             "soba_reverse_over_reverse", "soba_forward_over_reverse"}
-    assert set(json.loads(out.read_text())["scoring_ms"]) == {"convolution", "lookup"}
+    assert res["soba"]["score_fraction"] == pytest.approx(res["soba"]["score_ms"] / res["baseline"]["ms_per_step"])
+    assert res["baseline"]["score_fraction"] is None
+    assert "passes_ms" not in saved and "scoring_ms" not in saved     # what a user needs, not its history
     assert "| soba |" in capsys.readouterr().out
     assert diagnose.main(["bench", "--rounds=0", f"--generic={gen}", f"--specific={spec}"] + TINY) == 2
     assert "--rounds" in capsys.readouterr().err
 
 
-def test_cli_errors(capsys):
-    assert diagnose.main(["nope"]) == 2
-    assert diagnose.main(["compare", "--bogus=1"]) == 2
-    assert diagnose.main(["compare", "positional"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("error:") == 3 and all(line.startswith("error: ") for line in err.strip().splitlines())
+def test_peak_flops_table_matches_the_specific_name_first():
+    peak = lambda name: next((tf for key, tf in diagnose.PEAK_BF16_TFLOPS if key in name), None)
+    assert peak("NVIDIA H100 80GB HBM3") == 989 and peak("NVIDIA H100 PCIe") == 756 and peak("NVIDIA H200") == 989
+    assert peak("NVIDIA A100-SXM4-80GB") == 312 and peak("NVIDIA L4") == 121 and peak("NVIDIA L40S") == 362
+    assert peak("Tesla T4") is None
+
+
+def test_gpucheck_cpu_dry_run_writes_a_complete_report(corpora, tmp_path, capsys):
+    gen, spec = corpora
+    tests = tmp_path / "test_fake_cuda.py"        # stands in for tests/test_cuda.py: 2 pass, 1 skips, 1 fails
+    tests.write_text("import pytest\ndef test_a(): pass\ndef test_b(): pass\n"
+                     "@pytest.mark.skip\ndef test_c(): pass\ndef test_d(): assert False\n")
+    tiny = [a for a in TINY if not a.startswith("--big_batch_size")]       # |B| = 128·b by default
+    rc = diagnose.main(["gpucheck", "--device=cpu", "--preset=cpu", "--steps=2", "--bench_steps=1", "--bench_warmup=1",
+                        f"--tests={tests}", f"--run_dir={tmp_path}/gc", f"--generic={gen}", f"--specific={spec}"] + tiny)
+    assert rc == 1                                 # a failing test: the report is written, the exit status says so
+    out = capsys.readouterr().out
+    assert "| soba |" in out and "MFU" in out and f"report: {tmp_path}/gc/gpucheck.json" in out
+    path = tmp_path / "gc" / "gpucheck.json"
+    rep = json.loads(path.read_text())
+    assert normal_mode(path)
+    assert set(rep) == {"device", "device_type", "peak_bf16_tflops", "n_params", "process_peak_memory_mb",
+                        "torch_version", "cuda_version", "preset", "batch_size", "big_batch_size", "seq_len",
+                        "outer_every", "tests", "train", "methods", "wall_s"}
+    assert isinstance(rep["device"], str) and rep["device"].strip() and rep["device_type"] == "cpu"
+    assert rep["torch_version"] == torch.__version__ and rep["cuda_version"] == torch.version.cuda
+    assert rep["peak_bf16_tflops"] is None and rep["preset"] == "cpu"
+    model = ByteLM(ModelConfig(n_layer=1, n_head=2, n_embd=16, n_hidden=32, seq_len=32, dropout=0.0))
+    assert rep["n_params"] == sum(p.numel() for p in model.parameters())
+    assert (rep["batch_size"], rep["big_batch_size"], rep["seq_len"], rep["outer_every"]) == (4, 512, 32, 1)
+    assert 10 < rep["process_peak_memory_mb"] < 1e5 and 0 < rep["wall_s"] < 600
+    assert rep["tests"] == {"file": str(tests), "present": True, "exit_status": 1, "passed": 2, "failed": 1,
+                            "skipped": 1, "errors": 0}
+    assert set(rep["train"]) == {"baseline", "soba"}
+    for m, r in rep["train"].items():       # the train.py runs: 2 steps, an outer step on every step, 128·b
+        summary = json.loads((tmp_path / "gc" / m / "summary.json").read_text())
+        assert summary["config"]["outer_every"] == 1 and summary["config"]["big_batch_size"] == 512
+        assert summary["config"]["preset"] == "cpu" and summary["config"]["method"] == m
+        assert r == {"exit_status": 0, "steps": 2, **{k: summary[k] for k in (
+            "specific_valid_loss", "specific_test_loss", "generic_valid_loss", "ms_per_step", "peak_mem_mb")}}
+        assert 0 < r["specific_valid_loss"] < 8 and 0 < r["specific_test_loss"] < 8 and 0 < r["generic_valid_loss"] < 8
+        assert r["ms_per_step"] > 0 and r["peak_mem_mb"] > 10
+    assert set(rep["methods"]) == {"baseline", "soba", "dds", "anograd"}
+    base = rep["methods"]["baseline"]
+    for m, r in rep["methods"].items():     # the bench, in-process: one round of 1 timed step each
+        assert r["ms_per_step_rounds"] == [r["ms_per_step"]] and r["ms_per_step"] > 0
+        assert r["ratio"] == pytest.approx(r["ms_per_step"] / base["ms_per_step"]) and r["ratio_rounds"] == [r["ratio"]]
+        assert r["trained_bytes_per_s"] == pytest.approx(4 * 32 / (r["ms_per_step"] / 1000))
+        assert r["step_memory_mb"] > 0 and r["mfu"] is None
+        if m == "baseline":
+            assert r["ratio"] == 1 and r["score_ms"] is None and r["score_fraction"] is None
+        else:                               # scoring B (512 examples) with α, against a baseline step
+            assert r["score_ms"] > 0 and r["score_fraction"] == pytest.approx(r["score_ms"] / base["ms_per_step"])
+
+
+def test_gpucheck_records_a_missing_test_file():
+    res = diagnose.run_tests("tests/no_such_test_file.py")
+    assert res == {"file": "tests/no_such_test_file.py", "present": False, "exit_status": None, "passed": None,
+                   "failed": None, "skipped": None, "errors": None}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -424,23 +687,23 @@ def test_soba_saves_its_weighter_trajectory(soba_run):
     for k, v in ckpt["weighter"].items():
         assert torch.equal(v, last["weighter"][k])           # α no longer moves while fine-tuning
     assert last["config"]["seq_len"] == 32                     # self-describing: `select` can use a snapshot
-    w, _ = train.load_weighter(os.path.join(soba_run, "weighters", "step_2.pt"))
+    w, _ = weighter.load_weighter(os.path.join(soba_run, "weighters", "step_2.pt"))
     assert w.embed.weight.shape == (256, 8)
 
 
 def test_frozen_keeps_the_weighter_fixed_with_another_model_size(soba_run, corpora, tmp_path):
-    ctx = train_run(str(tmp_path / "frozen"), corpora, "--method=frozen", f"--weighter_ckpt={soba_run}",
-                    "--max_steps=4", "--n_embd=32", "--weighter_dim=16")   # this run's own weighter_dim is ignored
+    train_run(str(tmp_path / "frozen"), corpora, "--method=frozen", f"--weighter_ckpt={soba_run}",
+              "--max_steps=4", "--n_embd=32", "--weighter_dim=16")   # this run's own weighter_dim is ignored
     src = torch.load(os.path.join(soba_run, "ckpt.pt"), weights_only=True)["weighter"]
     saved = torch.load(tmp_path / "frozen" / "ckpt.pt", weights_only=True)
-    for k, v in src.items():
-        assert torch.equal(ctx.weighter.state_dict()[k], v) and torch.equal(saved["weighter"][k], v)
+    for k, v in src.items():               # α as it is after the 4 steps: as it was given
+        assert torch.equal(saved["weighter"][k], v)
     log = [json.loads(line) for line in open(tmp_path / "frozen" / "log.jsonl")]
     assert "source_share" in log[-1] and "ess" in log[-1]
     assert not os.path.exists(tmp_path / "frozen" / "weighters")
     with pytest.raises(train.ConfigError):
         train.parse_args(["--method=frozen"], diagnose.train_defaults())
-    with pytest.raises(train.ConfigError):
+    with pytest.raises(data.DataError):
         train_run(str(tmp_path / "f2"), corpora, "--method=frozen", f"--weighter_ckpt={tmp_path}/none.pt")
 
 
@@ -449,10 +712,10 @@ def test_shuffled_replays_the_trajectory_in_a_permutation(soba_run, corpora, tmp
     cfg = train.parse_args(TINY + [f"--generic={gen}", f"--specific={spec}", "--method=shuffled", "--max_steps=6",
                                    f"--weighter_trajectory={soba_run}", "--seed=2"], diagnose.train_defaults())
     ctx = train.setup(cfg)
-    snaps = [torch.load(p, weights_only=True)["weighter"] for p in ctx.trajectory]
-    assert ctx.sigma.tolist() == [1, 0]                        # seed 2: not the identity, so order matters
+    snaps = [torch.load(p, weights_only=True)["weighter"] for p in ctx.replay.files]
+    assert ctx.replay.sigma.tolist() == [1, 0]                        # seed 2: not the identity, so order matters
     for step in range(6):
-        train.step_fixed(ctx, step)
-        want = snaps[int(ctx.sigma[step * 2 // 6])]            # 2 snapshots → 2 segments of 3 steps
+        train.METHODS["shuffled"](ctx, step)
+        want = snaps[int(ctx.replay.sigma[step * 2 // 6])]            # 2 snapshots → 2 segments of 3 steps
         assert all(torch.equal(ctx.weighter.state_dict()[k], v) for k, v in want.items())
     assert not torch.equal(snaps[0]["head.weight"], snaps[1]["head.weight"])   # the replay is not trivial

@@ -1,10 +1,11 @@
-"""Tests for model.py: the per-example loss ℓ(x; θ), second-order autodiff, parameter counts."""
+"""Tests for model.py: the per-example loss ℓ(x; θ), second-order autodiff, parameter counts,
+building from a config, torch.compile and second_order."""
 
 import torch
 from torch.func import functional_call
 
-from conftest import random_bytes, tiny_model
-from model import build_model, second_order
+from conftest import TINY, random_bytes, tiny_model
+from model import ByteLM, ModelConfig, compile_model, second_order
 
 
 def flat(ts):
@@ -88,8 +89,46 @@ def test_functional_call_matches_loaded_parameters():
 
 
 def test_preset_parameter_counts():
-    # paper Table 9: large 9.53M (9,530,880), small 0.82M
-    n_paper = build_model("paper").num_params()
+    # paper Table 9: large 9.53M (9,530,880), small 0.82M; the presets live in train.py
+    import train
+    n_paper = ByteLM.from_config(train.PRESETS["paper"]).num_params()
     assert abs(n_paper - 9_530_880) / 9_530_880 < 0.01, n_paper
-    n_small = build_model("small").num_params()
+    n_small = ByteLM.from_config(train.PRESETS["small"]).num_params()
     assert abs(n_small - 820_000) / 820_000 < 0.02, n_small
+
+
+def test_from_config_reads_the_model_keys_of_a_train_config():
+    cfg = {**TINY, "n_layer": 2, "lr": 1e-3, "method": "soba"}             # other keys are ignored
+    torch.manual_seed(0)
+    model = ByteLM.from_config(cfg)
+    assert model.cfg == ModelConfig(**{k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "n_hidden",
+                                                            "seq_len", "dropout")})
+    torch.manual_seed(0)
+    same = ByteLM(model.cfg)                                              # the same init, same RNG draws
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), same.state_dict().values()))
+
+
+def test_compile_model_keeps_state_dict_and_second_order_runs_it_uncompiled():
+    """compile_model compiles the forward in place (nothing is compiled until a call, and the test
+    never calls the compiled forward: compilation is too slow for CI); second_order(model) clears
+    the compiled call for its duration, so the model runs eagerly there, and restores it."""
+    model = tiny_model()
+    keys = list(model.state_dict().keys())
+    x = random_bytes(2)
+    eager = model(x).detach()
+    assert compile_model(model) is model
+    compiled_call = model._compiled_call_impl
+    assert compiled_call is not None
+    assert list(model.state_dict().keys()) == keys
+    with second_order(model):
+        assert model._compiled_call_impl is None
+        torch.testing.assert_close(model(x).detach(), eager, rtol=0, atol=0)   # the eager forward
+    assert model._compiled_call_impl is compiled_call
+    # restored also when the block raises; a model never compiled is left alone
+    other = tiny_model(seed=1)
+    try:
+        with second_order(model, other):
+            raise RuntimeError
+    except RuntimeError:
+        pass
+    assert model._compiled_call_impl is compiled_call and other._compiled_call_impl is None

@@ -147,7 +147,7 @@ def run_steps(ctx, steps):
     for step in steps:
         for g in ctx.opt.param_groups:
             g["lr"] = train.lr_at(step, ctx.cfg)
-        train.STEPS[ctx.cfg["method"]](ctx, step)
+        train.METHODS[ctx.cfg["method"]](ctx, step)
 
 
 def block_of(name):
@@ -158,9 +158,10 @@ def test_lisa_freezes_exactly_the_active_blocks(tmp_path, small_builtin):
     ctx = train.setup(cfg_for(tmp_path, lisa=True, lisa_layers=2, lisa_interval=3, max_steps=100))
     history = {"u": [], "w": []}
     for step in range(7):
-        before = {k: {n: t.detach().clone() for n, t in m.named_parameters()} for k, m, _ in train.lisa_models(ctx)}
+        lisa = (("u", ctx.u, ctx.u_opt), ("w", ctx.model, ctx.opt))
+        before = {k: {n: t.detach().clone() for n, t in m.named_parameters()} for k, m, _ in lisa}
         run_steps(ctx, [step])
-        for k, model, opt in train.lisa_models(ctx):
+        for k, model, opt in lisa:
             active = ctx.lisa_active[k]
             history[k].append(tuple(active))
             assert len(active) == 2 and len(set(active)) == 2
@@ -196,12 +197,12 @@ def test_exact_resume(tmp_path, small_builtin):
 
 def test_run_logs_lambda(tmp_path, small_builtin):
     cfg = cfg_for(tmp_path, n_layer=1, max_steps=4, eval_interval=2)
-    ctx, code = train.run(cfg)
-    assert code == 0
+    assert train.run(cfg, {k: getattr(train, k) for k in train.config_keys}) == 0
     import json
     recs = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
     summary = json.load(open(tmp_path / "summary.json"))
-    lam = torch.softmax(ctx.p.detach(), 0).tolist()
+    lam = torch.softmax(torch.load(tmp_path / "ckpt.pt", weights_only=True)["p"], 0).tolist()
+    ctx = train.setup(cfg)
     for rec in (recs[-1], summary):
         assert list(rec["lambda"].values()) == pytest.approx(lam)
         assert [v["share"] for v in rec["source_share"].values()] == pytest.approx(lam)

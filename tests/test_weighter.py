@@ -31,3 +31,47 @@ def test_score_in_chunks_equals_forward():
     with torch.no_grad():
         expected = w(x)
     assert torch.allclose(score(w, x, chunk=4), expected, atol=1e-5)
+
+
+def test_lookup_tables_passed_in_give_the_same_numbers():
+    # score builds the tables P_j once and passes them to every chunk: the same scores, bit for bit,
+    # as forward_by_lookup building its own
+    torch.manual_seed(2)
+    w = Weighter(dim=8, kernel=5, n_conv=2)
+    x = torch.randint(0, 256, (9, 20), dtype=torch.uint8)
+    tables = w.lookup_tables()
+    assert tables.shape == (5 * 257, 8) and not tables.requires_grad
+    assert torch.equal(tables.view(5, 257, 8)[:, 256], torch.zeros(5, 8))     # the padding row
+    assert torch.equal(w.forward_by_lookup(x, tables), w.forward_by_lookup(x))
+    expected = torch.cat([w.forward_by_lookup(x[i:i + 4]) for i in range(0, 9, 4)])
+    assert torch.equal(score(w, x, chunk=4), expected)
+
+
+def test_score_default_chunk_on_cpu_holds_2_to_the_20_activations(monkeypatch):
+    # CPU: rows of ~2^20 (T, dim) activations, as before (an accelerator takes ~2^26)
+    torch.manual_seed(3)
+    w = Weighter(dim=8)
+    x = torch.randint(0, 256, (300, 512), dtype=torch.uint8)        # chunk = 2^20 / (512·8) = 256
+    expected = score(w, x, chunk=256)
+    sizes, tables_seen = [], set()
+    lookup = w.forward_by_lookup
+
+    def spy(xc, tables=None):
+        sizes.append(len(xc))
+        tables_seen.add(id(tables))
+        return lookup(xc, tables)
+    monkeypatch.setattr(w, "forward_by_lookup", spy)
+    assert torch.equal(score(w, x), expected)
+    assert sizes == [256, 44]
+    assert len(tables_seen) == 1 and id(None) not in tables_seen           # one set of tables, passed in
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_score_on_cuda_matches_cpu():
+    torch.manual_seed(4)
+    w = Weighter(dim=16)
+    x = torch.randint(0, 256, (3000, 64), dtype=torch.uint8)
+    on_cpu = score(w, x)
+    on_cuda = score(w.cuda(), x.cuda())
+    assert on_cuda.device.type == "cuda"
+    assert torch.allclose(on_cuda.cpu(), on_cpu, atol=1e-5)
