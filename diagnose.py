@@ -352,9 +352,9 @@ def weighter_report(run, cfg, opts):
     print(f"\n## {len(x)} generic valid examples scored by α (score s = log w + const), ℓ by θ at step "
           f"{step} (pretraining: {cfg['max_steps']} steps)")
     order, k = torch.argsort(s, descending=True).tolist(), opts["n_snippets"]
-    for title, top in (("highest", order[:k]), ("lowest", order[-k:])):
+    for title, part in (("highest", order[:k]), ("lowest", order[-k:])):
         print(f"\n{title}-weighted:")
-        for i in top:        # the window's text (data.encode made newlines and tabs spaces)
+        for i in part:        # the window's text (data.encode made newlines and tabs spaces)
             text = bytes(x[i]).decode(errors="replace")[:80]
             print(f"  s={s[i]:+.3f} ℓ={loss[i]:.2f} {sources[i]:>22s} | {text}")
     # Spearman's ρ: Pearson's r of the ranks (ties, rare in floats, broken by order)
@@ -362,12 +362,10 @@ def weighter_report(run, cfg, opts):
     r, rho = float(np.corrcoef(s, loss)[0, 1]), float(np.corrcoef(ranks(s), ranks(loss))[0, 1])
     print(f"\nweight vs loss: Pearson r = {r:+.3f}, Spearman ρ = {rho:+.3f} (of s(x; α) and ℓ(x; θ))")
     edges = torch.quantile(s, torch.linspace(0, 1, opts["bins"] + 1))            # (bins + 1,) quantiles of s
-    b, rows = torch.bucketize(s, edges[1:-1], right=True), []                    # (n,) the bin of each x
-    for j in range(opts["bins"]):
-        if (m := b == j).any():
-            top = Counter(src for src, keep in zip(sources, m.tolist()) if keep).most_common(1)[0][0]
-            rows.append([j + 1, f"{s[m].min():+.3f}..{s[m].max():+.3f}", int(m.sum()),
-                         f"{loss[m].mean():.3f}", top])
+    b = torch.bucketize(s, edges[1:-1], right=True)                              # (n,) the bin of each x
+    top = lambda m: Counter(sources[i] for i in m.nonzero()[:, 0].tolist()).most_common(1)[0][0]
+    rows = [[j + 1, f"{s[m].min():+.3f}..{s[m].max():+.3f}", int(m.sum()), f"{loss[m].mean():.3f}", top(m)]
+            for j in range(opts["bins"]) if (m := b == j).any()]                 # m: (n,) x in bin j
     print(markdown(["score bin", "s range", "n", "mean ℓ", "top source"], rows))
 
 

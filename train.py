@@ -143,6 +143,11 @@ PRESETS = {
                   weighter_dim=128, batch_size=128, big_batch_size=16384, specific_batch_size=128,
                   max_steps=300_000, warmup=1000, eval_interval=5000, eval_examples=0, soba_chunks=2),
 }
+# the paper's regime at CPU scale (README, "The paper's regime on a CPU"): every 128-byte window of the
+# generic corpus (388k examples for the 96k trained on: never repeated), 30 specific training documents
+# (specific-only training overfits them by step ~900), 3000 steps and 600 of fine-tuning
+PRESETS["scarce"] = dict(PRESETS["cpu"], max_steps=3000, finetune_steps=600, eval_interval=100,
+                         eval_examples=1000, doc_mode="chunk", specific_train_docs=30)
 SPARSE = ("dds", "soba", "anograd")           # Algorithm 1 with a learned weighting network
 FIXED = ("frozen", "shuffled")                # section 6: Algorithm 1's filter with α from another run
 SELECTING = SPARSE + FIXED + ("cds", "classifier", "mwn")   # methods that keep b of a big batch B
@@ -414,8 +419,7 @@ def step_mixing(ctx, step):
 
 def step_specific(ctx, step):
     """Training on the specific set only (also every method's fine-tuning phase)."""
-    ctx.last_loss = main_update(ctx, specific_batch(ctx))
-    return None
+    ctx.last_loss = main_update(ctx, specific_batch(ctx))     # returns None: no generic example
 
 
 # --- ScaleBiO (bilevel.scalebio_step): source weights λ = softmax(p), the auxiliary model u, LISA.
@@ -917,6 +921,7 @@ def check(cfg):
     need(cfg["noise_sources"] != 1 and cfg["noise_sources"] >= 0, "noise_sources", "must be 0 (off) or >= 2")
     need(cfg["method"] != "cds" or cds_pretrain(cfg) < cfg["max_steps"], "cds_pretrain_steps",
          f"must leave a selection step within --max_steps={cfg['max_steps']}")
+    resolve_device(cfg["device"])          # an unknown or unavailable device: one line, before any output
     need(cfg["method"] != "frozen" or cfg["weighter_ckpt"], "weighter_ckpt", "--method=frozen needs a run")
     need(cfg["method"] != "shuffled" or cfg["weighter_trajectory"], "weighter_trajectory",
          "--method=shuffled needs a run dir that saved weighters/")
