@@ -102,7 +102,7 @@ def windows(b: bytes, seq_len: int, doc_mode: str) -> tuple[bytes, int]:
     "chunk": consecutive non-overlapping windows covering the whole document; a
              last partial window is kept only if it holds >= seq_len // 4 bytes
              or is the document's only window (short documents are never lost).
-    chunk is our default because with few, long documents "first" throws away
+    "first" is the default (the paper's); with few, long documents it throws away
     most of the text: a generic set of ~16k documents (~58 MB) gives only ~16k
     examples with "first", but ~250k at seq_len=256 with "chunk". The paper's
     C4 has ~30M documents, so "first 256 bytes" still leaves it a huge pool."""
@@ -188,9 +188,11 @@ def _read_jsonl(path: str):
         raise DataError(f"{path}: empty file (no records)")
 
 
-def read_documents(path: str, with_text: bool = False):
+def read_documents(path: str, with_text: bool = False, hash_splits: bool = True):
     """Yields (bytes, source, split) for each non-empty document of one file;
-    split is always one of SPLITS. Any problem becomes a one-line DataError.
+    split is one of SPLITS (a record's own "split", else the hash split; with
+    hash_splits=False, None when the record gives none). Any problem becomes a
+    one-line DataError.
     with_text: (bytes, source, split, text), text as read (what `diagnose.py
     select` writes out), bytes its normalised encoding (what the models read)."""
     if not _suffix(path):
@@ -206,7 +208,8 @@ def read_documents(path: str, with_text: bool = False):
             if not b or b.isspace():
                 continue  # empty documents give no examples
             n_docs += 1
-            yield (b, source, split or hash_split(b)) + ((text,) if with_text else ())
+            split = split or (hash_split(b) if hash_splits else None)   # None: not given, not hashed
+            yield (b, source, split) + ((text,) if with_text else ())
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise DataError(f"{path}: not a valid gzip file ({_one_line(e)})") from None
     except OSError as e:  # missing, unreadable, a directory, ...
@@ -236,15 +239,18 @@ def load_corpus(spec: str, seq_len: int, doc_mode: str = "chunk", flag: str = "-
     names = {}  # source name -> index in order of first appearance
     n_docs = 0
     for path in resolve_files(spec, flag):
-        for b, source, split in read_documents(path):
+        for b, source, given in read_documents(path, hash_splits=False):
+            split = given or hash_split(b)
             chunk, n = windows(b, seq_len, doc_mode)
             data[split].append(chunk)
-            docs[split].append((names.setdefault(source, len(names)), n_docs, n))
+            docs[split].append((names.setdefault(source, len(names)), n_docs, n, given is None))
             n_docs += 1
     # small document sets: a source with >= 2 documents, none of which hashed into train, gets its
-    # first one moved to train (otherwise that source would never be trained on)
+    # first hash-split one moved to train (otherwise it would never be trained on); a split given in
+    # a .jsonl record is kept
     for k in set(range(len(names))) - {d[0] for d in docs["train"]}:
-        held = [(d[1], split, i) for split in ("valid", "test") for i, d in enumerate(docs[split]) if d[0] == k]
+        held = [(d[1], split, i) for split in ("valid", "test")
+                for i, d in enumerate(docs[split]) if d[0] == k and d[3]]   # (doc id, split, position)
         if len(held) >= 2:
             _, split, i = min(held)
             data["train"].append(data[split].pop(i))
@@ -259,7 +265,7 @@ def load_corpus(spec: str, seq_len: int, doc_mode: str = "chunk", flag: str = "-
         # one big join into a writable buffer: x (N, seq_len) uint8
         x = np.frombuffer(bytearray().join(data[split]), np.uint8).reshape(-1, seq_len)
         data[split] = None  # free the per-document pieces
-        meta = np.array(docs[split], dtype=np.int64).reshape(-1, 3)  # (n_docs, 3)
+        meta = np.array(docs[split], dtype=np.int64).reshape(-1, 4)  # (n_docs, 4)
         src, did, n = meta[:, 0], meta[:, 1], meta[:, 2]
         return _examples(x, remap[np.repeat(src, n)], np.repeat(did, n), sources)
 
@@ -273,8 +279,8 @@ def load_data(cfg: dict, pool_needed: int = 1):
     replacement, so a generic pool smaller than the pool_needed examples drawn per step only warns;
     so does an empty generic valid split (its loss is a diagnostic). The specific sets must have
     valid and test documents and at least one batch of training examples."""
-    generic, specific, seq_len, doc_mode, seed = (cfg[k] for k in ("generic", "specific", "seq_len", "doc_mode",
-                                                                  "seed"))
+    generic, specific, seq_len, doc_mode, seed = (cfg[k] for k in
+                                                  ("generic", "specific", "seq_len", "doc_mode", "seed"))
     if not generic and not specific:
         g, s, info = builtin_corpora(seed, seq_len)
         specifics = [s]
@@ -295,7 +301,7 @@ def load_data(cfg: dict, pool_needed: int = 1):
                                 f'give it documents, e.g. with a "split" field in .jsonl records)')
         if len(s.train) < cfg["specific_batch_size"]:
             raise DataError(f"--specific: {s.name} has {len(s.train)} training examples, fewer than "
-                            f"--specific_batch_size={cfg['specific_batch_size']} (lower it, or --doc_mode=chunk)")
+                            f"--specific_batch_size={cfg['specific_batch_size']} (lower it)")
     if len(g.train) < pool_needed:
         print(f"warning: --generic: {len(g.train)} training examples, fewer than the {pool_needed} drawn per "
               "step: batches are drawn with replacement, so examples repeat; --doc_mode=chunk gives more")

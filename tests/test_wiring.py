@@ -1,10 +1,10 @@
 """The wiring of Algorithm 1 in train.step_sparse, each piece against an independent computation.
 
 bilevel.py's updates are checked on their own in tests/test_bilevel.py; here the question is what
-step_sparse feeds them and in which order. For DDS, Anograd and SOBA one real step is taken on a
-tiny model in float64 (after two warm-up steps, so that the Adam moments are not empty: at Adam's
-first step the update is ±lr whatever the gradient's size). It is then recomputed from copies of
-the state taken before the step (θ, α, v, their optimisers and the three random streams):
+step_sparse feeds them and in which order. For DDS, Anograd and SOBA, real steps (t = 2 … 5) are
+taken on a tiny model in float64 (after two warm-up steps, so that the Adam moments are not empty:
+at Adam's first step the update is ±lr whatever the gradient's size). Each is recomputed from
+copies of the state taken before it (θ, α, v, their optimisers and the three random streams):
 
   1. the batches the outer update receives: R = the first b rows of B and B_specific (DDS,
      Anograd); S = filter(B, α_t, b) and B_specific (SOBA);
@@ -18,7 +18,8 @@ the state taken before the step (θ, α, v, their optimisers and the three rando
 
 Each test also checks that the wrong alternative (B for S, α_t for α_{t+1}, the other optimiser,
 the other η, no Hessian term, the softmax over B) gives different numbers, so that a wiring
-mistake cannot pass unnoticed. The whole file runs in a few seconds on a CPU.
+mistake cannot pass unnoticed (at one checked step at least: four steps are checked per run).
+The whole file takes about 10 s on a shared 2-core CPU.
 """
 
 import copy
@@ -102,9 +103,9 @@ def snapshot(ctx):
 
 
 def redraw(ctx, snap):
-    """B (indices and rows), B_specific and a generator for the filter, re-drawn from the saved
-    states: the step draws B first, then (DDS, Anograd) B_specific and the filter, or (SOBA) the
-    filter and B_specific; the streams are independent, so the order between them is immaterial."""
+    """B (indices into generic train, and rows) and B_specific, re-drawn from the saved states (the
+    filter's stream: `select`). The step draws B first, then (DDS, Anograd) B_specific and the
+    filter, or (SOBA) the filter and B_specific: three independent streams, with one specific set."""
     cfg = ctx.cfg
     generic = data.Sampler(len(ctx.x_train), 0)
     generic.load_state_dict({"rng": snap.generic_rng})
