@@ -403,18 +403,16 @@ def big_batch(ctx):
 # the other methods. Each step function returns the indices (into generic train) θ trained on, or
 # None when the batch is not a selection (specific, LTR, ScaleBiO)
 
-def step_baseline(ctx, step):
-    """Plain pretraining on uniform generic batches."""
+def step_baseline(ctx, step, mix=False):
+    """Plain pretraining on uniform generic batches (mix: and a specific batch, see step_mixing)."""
     idx = ctx.generic_sampler.sample(ctx.cfg["batch_size"]).to(ctx.device)
-    ctx.last_loss = main_update(ctx, ctx.x_train[idx])
+    ctx.last_loss = main_update(ctx, ctx.x_train[idx], specific_x=specific_batch(ctx) if mix else None)
     return idx
 
 
 def step_mixing(ctx, step):
     """Mixing: each step a generic batch and a specific batch, g = 0.9 g_generic + 0.1 g_specific."""
-    idx = ctx.generic_sampler.sample(ctx.cfg["batch_size"]).to(ctx.device)
-    ctx.last_loss = main_update(ctx, ctx.x_train[idx], specific_x=specific_batch(ctx))
-    return idx
+    return step_baseline(ctx, step, mix=True)
 
 
 def step_specific(ctx, step):
@@ -711,8 +709,9 @@ def result_words(summary, ctx):
     target = summary.get("target_source")
     if target and "source_share" in summary:
         sh = summary["source_share"][target]
-        what = (f"of ScaleBiO's source weights λ" if "lambda" in summary
-                else f"of the examples the model trained on over the last {ctx.cfg['eval_interval']} steps")
+        last = (summary["steps"] - 1) % ctx.cfg["eval_interval"] + 1      # steps since the evaluation before
+        what = ("of ScaleBiO's source weights λ" if "lambda" in summary
+                else f"of the examples the model trained on over the last {last} steps")
         up = "up-weighted" if sh["share"] > 1.5 * sh["base"] else "NOT up-weighted"
         msg += (f". The target domain {target!r} was {up}: "
                 f"{100 * sh['share']:.0f}% {what} vs {100 * sh['base']:.0f}% of the generic pool "

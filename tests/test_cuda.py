@@ -120,14 +120,6 @@ def assert_finite_losses(summary):
         assert isinstance(summary.get(k), float) and math.isfinite(summary[k]), (k, summary.get(k))
 
 
-@pytest.fixture(autouse=True)
-def _restore_signal_handlers():
-    """train.main installs SIGINT/SIGTERM handlers, and a test here installs its own: put pytest's back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, h in saved.items():
-        signal.signal(s, h)
-
 
 @pytest.fixture
 def no_tf32():

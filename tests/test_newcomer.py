@@ -137,14 +137,6 @@ def main_in_process(capsys, *args):
     return code, out.out, out.err
 
 
-@pytest.fixture(autouse=True)
-def _restore_signal_handlers():
-    """train.main installs SIGINT/SIGTERM handlers; put pytest's back after each in-process run."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, h in saved.items():
-        signal.signal(s, h)
-
 
 def assert_one_line_error(code, stderr, *needles):
     """Exit 2, no traceback, exactly one non-empty line on stderr, holding every needle (a str, or
