@@ -933,8 +933,7 @@ def cmd_bench(opts, train_argv):
 GPUCHECK_OPTIONS = dict(
     preset=("paper", "train.py preset of the runs and the timings (paper: Table 1, b = 128)"),
     steps=(200, "training steps of each train.py run (baseline, Sparse SOBA)"),
-    bench_steps=(10, "timed steps per method"),
-    bench_warmup=(3, "untimed steps per method first"),
+    bench_steps=(10, "timed steps per method"), bench_warmup=(3, "untimed steps per method first"),
     tests=("tests/test_cuda.py", "the pytest file run first, relative to the repository; empty = none"),
     run_dir=("gpucheck", "directory of the train.py runs (RUN_DIR/baseline, RUN_DIR/soba)"),
     out=("", "the JSON report; default RUN_DIR/gpucheck.json"))
