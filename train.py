@@ -294,7 +294,8 @@ def step_sparse(ctx, step):
     The order follows the reference code. DDS and Anograd take their outer step on R (a uniform
     b-subset of B) with the current θ, then filter with the updated α_{t+1}. SOBA filters with α_t
     first and takes its outer step on S: its Hessian term and d_α are on the very batch θ trains on,
-    and one forward/backward on S serves both SOBA's update and the main update (bilevel.soba_step)."""
+    and one forward/backward on S serves both SOBA's update and the main update (bilevel.soba_step).
+    `frozen` and `shuffled` (section 6) run the same step with α trained elsewhere and no outer step."""
     cfg, model, weighter, b = ctx.cfg, ctx.model, ctx.weighter, ctx.cfg["batch_size"]
     if cfg["method"] == "shuffled":      # section 6.1: α_{t_σ(j)} in segment j of the run
         ctx.replay.load(weighter, step, cfg["max_steps"])
