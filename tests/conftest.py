@@ -1,5 +1,6 @@
 """Shared test setup: import path, tiny models, and hygiene for in-process `train.main` runs."""
 
+import json
 import os
 import signal
 import sys
@@ -49,3 +50,10 @@ def _restore_signal_handlers():
     yield
     for s, h in saved.items():
         signal.signal(s, h)
+
+
+def write_jsonl(path, records):
+    """records (dicts) as a .jsonl file, one per line; returns the path as a string."""
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return str(path)

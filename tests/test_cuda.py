@@ -34,6 +34,8 @@ import time
 import pytest
 import torch
 
+from conftest import write_jsonl
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the same ROOT as conftest's
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
@@ -59,12 +61,6 @@ def english(rng, n, extra=()):
     while sum(len(s) + 1 for s in out) < n:
         out.append(" ".join(rng.choice(words) for _ in range(rng.randint(6, 14))).capitalize() + ".")
     return " ".join(out)[:n]
-
-
-def write_jsonl(path, records):
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,8 @@ import time
 import pytest
 import torch
 
+from conftest import write_jsonl
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the same ROOT as conftest's
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
@@ -81,12 +83,6 @@ def with_split(body, want, tag="Document"):
         if split_of(text) in (want, None):
             return text
     raise AssertionError(f"no prefix sends the document to {want}")
-
-
-def write_jsonl(path, records):
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
