@@ -125,14 +125,14 @@ def read_run(run):
 
 def save(path, what):
     """Write `what` (text, a JSON-able dict, or a function that writes the path it is given) to path
-    through a temporary file renamed at the end (train.atomic_write): a reader never sees half a
+    through a temporary file renamed at the end (data.atomic_write): a reader never sees half a
     file, a failure leaves none, and open() gives the file the umask's permissions (0644 under the
     usual 022; tempfile's would be 0600)."""
     if not callable(what):
         text = what if isinstance(what, str) else json.dumps(what, indent=1) + "\n"
         what = lambda p: open(p, "w", encoding="utf-8").write(text)      # closed as it goes out of scope
     try:
-        train.atomic_write(path, what)
+        data.atomic_write(path, what)
     finally:                   # after a failure: no temporary file left behind
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")

@@ -44,20 +44,21 @@ import json
 import math
 import os
 import re
-import resource
-import shutil
 import signal
 import sys
 import time
+from functools import partial
 from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import bilevel
 import data
-from data import read_checkpoint
-from model import ByteLM
+from data import atomic_write, read_checkpoint, truncate_log, write_json
+from model import (ByteLM, all_reduce_mean, any_rank, gather, grads_of, init_ranks, peak_mem_mb, ranks,
+                   resolve_device)
 from weighter import (LossWeighter, Replay, Weighter, effective_sample_size, filter_batch, load_weighter,
                       save_snapshot, score)
 
@@ -168,12 +169,13 @@ def setup(cfg):
     (θ's init, then α's) is part of what makes a seed reproduce a run."""
     torch.manual_seed(cfg["seed"])
     torch.set_flush_denormal(True)    # denormal floats make the CPU's double backward ~20% slower
-    dev = resolve_device(cfg["device"])
+    rank, world, dev = init_ranks(cfg["device"])
     # B is drawn i.i.d. uniformly with replacement (Algorithm 1): a pool smaller than |B| only warns
     g, specifics, info = data.load_data(cfg, cfg["big_batch_size"] if cfg["method"] in SELECTING
                                         else cfg["batch_size"])
-    ctx = SimpleNamespace(cfg=cfg, device=dev, generic=g, specifics=specifics, info=info,
-                          specific_names=data.set_names(specifics), step=0, stats={}, last_loss=float("nan"))
+    ctx = SimpleNamespace(cfg=cfg, device=dev, rank=rank, world=world, generic=g, specifics=specifics,
+                          info=info, specific_names=data.set_names(specifics), step=0, stats={},
+                          last_loss=float("nan"), b=cfg["batch_size"] // world)   # b: this rank's
     cuda = torch.device(dev).type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cuda    # TF32 on CUDA
     # the precision policy of the module docstring: bf16 autocast around every pass of θ on CUDA
@@ -212,23 +214,15 @@ def setup(cfg):
         ctx.model.compile()          # in place: the same module, the same state_dict keys
     ctx.generic_sampler = data.Sampler(len(g.train), cfg["seed"] + 1)
     ctx.specific_samplers = [data.Sampler(len(s.train), cfg["seed"] + 2 + i) for i, s in enumerate(specifics)]
-    ctx.gen = torch.Generator().manual_seed(cfg["seed"] + 100)     # filter and task draws (CPU)
+    # the filter's and the task draws (CPU); with torchrun, every rank filters its own shard of B
+    ctx.gen = torch.Generator().manual_seed(cfg["seed"] + 100 + 1000 * rank)
+    if rank > 0:        # torchrun: each rank its own dropout stream (rank 0's is a plain run's)
+        torch.manual_seed(cfg["seed"] + 1000 * rank)
     # per source, the examples trained on since the last evaluation (a device tensor: no sync per step)
     ctx.counts = torch.zeros(len(g.sources), dtype=torch.float64, device=dev)
     ctx.progress = dict(seen=0, train_time=0.0, best=None, last_eval={})
     ctx.state = checkpoint_state(ctx)
     return ctx
-
-
-def resolve_device(name):
-    """--device → a device string, or a one-line ConfigError for an unknown or unavailable device."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
-        raise ConfigError(f"--device: unknown device {name!r} (expected auto, cpu, cuda or cuda:N)")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device={name}: CUDA is not available (a CPU-only PyTorch or no visible GPU)")
-    return name
 
 
 def adamw(params, lr, wd, dev):
@@ -241,8 +235,34 @@ def lr_at(step, cfg):
     """The learning rate of θ at a step (v, u and p follow it too)."""
     # reference schedule: η_t = lr · min(t / warmup, √(warmup / t)) with t = step + 1: a linear
     # warm-up to lr, then an inverse-square-root decay
-    s = step + 1
-    return cfg["lr"] * min(s / cfg["warmup"], math.sqrt(cfg["warmup"] / s))
+    return cfg["lr"] * min((step + 1) / cfg["warmup"], math.sqrt(cfg["warmup"] / (step + 1)))
+
+
+# --- data parallel (torchrun --nproc_per_node=N). batch_size, big_batch_size and specific_batch_size
+# are global and must be divisible by N: each rank keeps 1/N of every batch. All ranks draw the same
+# global indices from the shared samplers and keep their slice (`shard`; without torchrun, or with
+# N = 1, nothing changes); each rank scores its |B|/N, filters b/N of them with its own generator and
+# trains on those. Gradients are averaged by an explicit all_reduce (model.all_reduce_mean) before
+# every optimiser step: θ, α, SOBA's d_v, the classifier, MWN, CDS's θ_ft, ScaleBiO's u and p.
+# DistributedDataParallel is not used: it averages neither torch.autograd.grad nor a create_graph
+# backward, which the outer updates use. So every rank holds the same θ, α and v after each step.
+# Normalisation: w(x; α) is a softmax over the rank's own shard (B_r for the filter, R_r or S_r for
+# the outer gradients), not over all of B. Its normaliser Σ_{B_r} exp s(x; α) estimates |B|/N times
+# the mean of exp s over D_generic, as a single process with a big batch of |B|/N would: the filter
+# is a stratified draw of b/N per shard, and the outer gradient is the mean of N per-shard estimates.
+# Both equal the single-process ones in expectation up to the noise of the normaliser, which
+# shrinks as |B|/N grows. Rank 0 alone evaluates, logs and writes out_dir; a checkpoint also holds
+# every rank's own random streams (RANK_LOCAL), so a run resumes exactly under the same N only.
+
+def shard(ctx, idx):
+    """This rank's slice of the indices drawn for a global batch: (n,) → (n / N,), on the device."""
+    return idx.chunk(ctx.world)[ctx.rank].to(ctx.device)
+
+
+def step_alpha(ctx):
+    """α ← α − Adam(∇_α): the outer step, on α's gradient averaged over the ranks."""
+    all_reduce_mean(grads_of(ctx.weighter))
+    ctx.meta_opt.step()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -257,7 +277,7 @@ def train_loop(ctx, start, stop):
     total = cfg["max_steps"] + cfg["finetune_steps"]
     ms = []     # step times in ms (the progress line averages the last eval_interval)
     bar = tqdm(range(start, total), initial=start, total=total, desc=cfg["method"], dynamic_ncols=True,
-               leave=False, disable=None)
+               leave=False, disable=None if ctx.rank == 0 else True)
     for step in bar:
         pretrain = step < cfg["max_steps"]
         for group in ctx.opt.param_groups:
@@ -272,16 +292,21 @@ def train_loop(ctx, start, stop):
         if idx is not None:     # the sources of the examples θ trained on, counted on the device
             ctx.counts += torch.bincount(ctx.source_train[idx], minlength=len(ctx.counts))
         done = step + 1
-        save_weighter_snapshot(ctx, done)     # α_t for `shuffled` replays (section 6.1)
+        if ctx.weighter and cfg["method"] not in FIXED and ctx.rank == 0:
+            save_snapshot(ctx.weighter, done, cfg)     # α_t, when due, for `shuffled` replays (6.1)
         if done % cfg["eval_interval"] == 0 or done in (cfg["max_steps"], total):
             finish_eval(ctx, done, "pretrain" if done <= cfg["max_steps"] else "finetune", ms)
+        stop["sig"] = any_rank(stop["sig"] or 0, ctx.device) or None   # torchrun: if any rank was signalled
         if stop["sig"] is not None:     # Ctrl-C / SIGTERM: the step is done, checkpoint and exit
             save_checkpoint(ctx, done)
             bar.close()
-            print(f"stopped after step {done}; continue: python train.py --resume --out_dir={cfg['out_dir']}")
+            launch = f"torchrun --standalone --nproc_per_node={ctx.world}" if ctx.world > 1 else "python"
+            print(f"stopped after step {done}; continue: {launch} train.py --resume "
+                  f"--out_dir={cfg['out_dir']}")
             return 128 + stop["sig"]
     bar.close()
-    write_summary(ctx)
+    if ctx.rank == 0:
+        write_summary(ctx)
     return 0
 
 
@@ -296,7 +321,7 @@ def step_sparse(ctx, step):
     first and takes its outer step on S: its Hessian term and d_α are on the very batch θ trains on,
     and one forward/backward on S serves both SOBA's update and the main update (bilevel.soba_step).
     `frozen` and `shuffled` (section 6) run the same step with α trained elsewhere and no outer step."""
-    cfg, model, weighter, b = ctx.cfg, ctx.model, ctx.weighter, ctx.cfg["batch_size"]
+    cfg, model, weighter, b = ctx.cfg, ctx.model, ctx.weighter, ctx.b
     if cfg["method"] == "shuffled":      # section 6.1: α_{t_σ(j)} in segment j of the run
         ctx.replay.load(weighter, step, cfg["max_steps"])
     # B_generic^big: |B| i.i.d. uniform draws from D_generic (CPU generator, indices moved)
@@ -312,7 +337,7 @@ def step_sparse(ctx, step):
                 out = bilevel.dds_step(model, weighter, x_R, x_spec, cfg["rho"])       # Eq. (3)
             else:
                 out = bilevel.anograd_step(model, weighter, x_R, x_spec)               # section 4.3.3
-        ctx.meta_opt.step()                                                            # α_{t+1}
+        step_alpha(ctx)                                                                # α_{t+1}
         ctx.stats["outer_loss"] = out.detach()
     # s(x; α) for all of B, then filter(B, α, b): b indices into B drawn ∝ w (Table 7's filters)
     s_B = score(weighter, x_B)                                                 # (|B|,)
@@ -323,7 +348,7 @@ def step_sparse(ctx, step):
             d_v, grads, losses = bilevel.soba_step(model, weighter, x_S, specific_batch(ctx), ctx.v,
                                                    cfg["soba_chunks"])          # section 4.3.2
         ctx.last_loss = losses.mean().detach()
-        ctx.meta_opt.step()                                                # α_{t+1} = α_t − Adam(d_α)
+        step_alpha(ctx)                                                    # α_{t+1} = α_t − Adam(d_α)
         soba_v_update(ctx, d_v, step)                                          # v_{t+1}
     # θ_{t+1}: one step on the UNIFORM mean loss of S (SOBA: along the gradient it already has)
     ctx.last_loss = main_update(ctx, x_S, grads=grads)
@@ -337,41 +362,44 @@ def weight_stats(ctx, w):
     ctx.stats["ess"], ctx.stats["max_weight"] = effective_sample_size(w), w.max().detach()
 
 
-def main_update(ctx, x=None, grads=None, specific_x=None, weights=None):
+def main_update(ctx, x=None, grads=None, specific_x=None, weights=None, model=None, opt=None):
     """The inner update of Algorithm 1, θ ← θ − AdamW(∇_θ L), with (1/b) Σ_{x∈S} ℓ(x; θ) as L.
     One AdamW step on θ on the uniform mean loss of x (LTR: Σ_i weights_i ℓ(x_i; θ)), or along
     precomputed grads; mixing adds a specific batch with weight 1 − generic_weight. Returns the
-    (generic) training loss as a 0-dim tensor."""
-    ctx.opt.zero_grad(set_to_none=True)
+    (generic) training loss as a 0-dim tensor. (CDS steps its copy θ_ft with its own model, opt.)"""
+    model, opt = model or ctx.model, opt or ctx.opt
+    opt.zero_grad(set_to_none=True)
     if grads is not None:
-        for k, p in ctx.model.named_parameters():
+        for k, p in model.named_parameters():
             p.grad = grads[k].to(p.dtype)
         loss = ctx.last_loss
     else:
         with ctx.autocast():
-            losses = ctx.model(x).float()                                       # (b,) ℓ(x; θ)
+            losses = model(x).float()                                           # (b,) ℓ(x; θ)
             loss = losses.mean() if weights is None else (weights.detach() * losses).sum()
             total = loss
             if specific_x is not None:
                 # mixing: g = generic_weight · g_generic + (1 − generic_weight) · g_specific
                 total = (ctx.cfg["generic_weight"] * loss
-                         + (1 - ctx.cfg["generic_weight"]) * ctx.model(specific_x).float().mean())
+                         + (1 - ctx.cfg["generic_weight"]) * model(specific_x).float().mean())
         total.backward()
+    all_reduce_mean(grads_of(model))     # torchrun: ∇_θ of the global batch's mean loss (all ranks)
     # ‖∇_θ‖ (clipped to grad_clip when set), checked before the step so θ never takes a NaN update:
     # the step's one host synchronisation
-    norm = torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), ctx.cfg["grad_clip"] or float("inf"))
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), ctx.cfg["grad_clip"] or float("inf"))
     if not torch.isfinite(norm):
         raise TrainingError(f"step {ctx.step}: the gradient of θ is {norm.item()} (the last good "
                             "checkpoint is kept)")
     ctx.stats["grad_norm"] = norm
     # AdamW: m ← β1 m + (1 − β1) g,  s ← β2 s + (1 − β2) g²,  θ ← θ − η_t (m̂ / (√ŝ + ε) + λ θ)
-    ctx.opt.step()
+    opt.step()
     return loss.detach()
 
 
 def soba_v_update(ctx, d_v, step):
     """SOBA's linear-system variable v (section 4.3.2)."""
     eta = ctx.cfg["soba_v_lr"] or lr_at(step, ctx.cfg)
+    all_reduce_mean(list(d_v.values()))          # torchrun: d_v averaged over the ranks
     if ctx.cfg["soba_v_optim"] == "sgd":
         # paper: v ← v − η d_v
         with torch.no_grad():
@@ -390,13 +418,13 @@ def specific_batch(ctx):
     # other draws, so B_specific is the same sequence for every method with the same seed)
     """B_specific: uniform draws from one specific set (chosen at random when there are several)."""
     k = 0 if len(ctx.specifics) == 1 else int(torch.randint(len(ctx.specifics), (1,), generator=ctx.gen))
-    idx = ctx.specific_samplers[k].sample(ctx.cfg["specific_batch_size"]).to(ctx.device)
+    idx = shard(ctx, ctx.specific_samplers[k].sample(ctx.cfg["specific_batch_size"]))
     return ctx.specific_x[k][idx]                                              # (|B_specific|, T)
 
 
 def big_batch(ctx):
     """B_generic^big: |B| uniform draws from generic train → (indices (|B|,), x (|B|, T))."""
-    idx_B = ctx.generic_sampler.sample(ctx.cfg["big_batch_size"]).to(ctx.device)
+    idx_B = shard(ctx, ctx.generic_sampler.sample(ctx.cfg["big_batch_size"]))
     return idx_B, ctx.x_train[idx_B]
 
 
@@ -405,15 +433,11 @@ def big_batch(ctx):
 # None when the batch is not a selection (specific, LTR, ScaleBiO)
 
 def step_baseline(ctx, step, mix=False):
-    """Plain pretraining on uniform generic batches (mix: and a specific batch, see step_mixing)."""
-    idx = ctx.generic_sampler.sample(ctx.cfg["batch_size"]).to(ctx.device)
+    """Plain pretraining on uniform generic batches. mix: `mixing`, each step a generic batch and a
+    specific batch, g = 0.9 g_generic + 0.1 g_specific (METHODS)."""
+    idx = shard(ctx, ctx.generic_sampler.sample(ctx.cfg["batch_size"]))
     ctx.last_loss = main_update(ctx, ctx.x_train[idx], specific_x=specific_batch(ctx) if mix else None)
     return idx
-
-
-def step_mixing(ctx, step):
-    """Mixing: each step a generic batch and a specific batch, g = 0.9 g_generic + 0.1 g_specific."""
-    return step_baseline(ctx, step, mix=True)
 
 
 def step_specific(ctx, step):
@@ -444,7 +468,7 @@ def step_scalebio(ctx, step):
         for k, model, opt in lisa:    # new active blocks for u and for w, the others frozen
             ctx.lisa_active[k] = bilevel.lisa_sample(cfg["n_layer"], cfg["lisa_layers"], ctx.lisa_gen[k])
             bilevel.lisa_freeze(model, ctx.lisa_active[k], opt)
-    idx = ctx.generic_sampler.sample(cfg["batch_size"]).to(ctx.device)       # (b,) uniform draws
+    idx = shard(ctx, ctx.generic_sampler.sample(cfg["batch_size"]))       # (b,) uniform draws
     # w follows lr_at (set by the loop); u and p follow the same schedule, as the authors do
     ctx.u_opt.param_groups[0]["lr"] = lr_at(step, cfg)
     ctx.p_opt.param_groups[0]["lr"] = cfg["scalebio_lr_p"] * lr_at(step, cfg) / cfg["lr"]
@@ -454,6 +478,7 @@ def step_scalebio(ctx, step):
         # min_{p,w} max_u L1(w) + α·[L2(w, λ) − L2(u, λ)]: the three gradients at the old (u, w, p)
         out = bilevel.scalebio_step(ctx.model, ctx.u, ctx.p, ctx.x_train[idx], ctx.source_train[idx],
                                     specific_batch(ctx), cfg["scalebio_alpha"])
+    all_reduce_mean(grads_of(ctx.model, ctx.u) + [ctx.p.grad])     # torchrun: averaged over ranks
     for model in (ctx.model, ctx.u) if cfg["grad_clip"] > 0 else ():
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
     for opt in (ctx.opt, ctx.u_opt, ctx.p_opt):
@@ -494,7 +519,7 @@ def step_cds(ctx, step):
     ctx.stats.update({k: v for k, v in ctx.cds.items() if k != "delta"})
     idx_B, x_B = big_batch(ctx)                                                # (|B|,), (|B|, T)
     # S = the top-b of −Δ(x) over B: the examples fine-tuning improved most
-    S = torch.topk(-ctx.cds["delta"].to(ctx.device)[idx_B], ctx.cfg["batch_size"]).indices   # (b,)
+    S = torch.topk(-ctx.cds["delta"].to(ctx.device)[idx_B], ctx.b).indices                 # (b,)
     ctx.last_loss = main_update(ctx, x_B[S])
     return idx_B[S]
 
@@ -508,13 +533,7 @@ def cds_finetuned_copy(ctx, step):
     opt.load_state_dict(copy.deepcopy(ctx.opt.state_dict()))   # deep: AdamW updates moments in place
     for k in range(cfg["cds_finetune_steps"]):
         opt.param_groups[0]["lr"] = lr_at(step + k, cfg)
-        opt.zero_grad(set_to_none=True)
-        with ctx.autocast():
-            loss = tuned(specific_batch(ctx)).float().mean()
-        loss.backward()
-        if cfg["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(tuned.parameters(), cfg["grad_clip"])
-        opt.step()
+        main_update(ctx, specific_batch(ctx), model=tuned, opt=opt)
     return tuned
 
 
@@ -524,14 +543,14 @@ def step_classifier(ctx, step):
     then restricts the generic set; we train it online, one step per training step, as the reference."""
     cfg = ctx.cfg
     if step % cfg["outer_every"] == 0:
-        x_g = ctx.x_train[ctx.generic_sampler.sample(cfg["specific_batch_size"]).to(ctx.device)]
+        x_g = ctx.x_train[shard(ctx, ctx.generic_sampler.sample(cfg["specific_batch_size"]))]
         ctx.meta_opt.zero_grad(set_to_none=True)
         # binary cross-entropy −[y log σ(s(x)) + (1 − y) log(1 − σ(s(x)))], y = 1 specific, 0 generic
         ctx.stats["classifier_bce"] = bilevel.classifier_step(ctx.weighter, x_g, specific_batch(ctx)).detach()
-        ctx.meta_opt.step()
+        step_alpha(ctx)
     idx_B, x_B = big_batch(ctx)                                                # (|B|,), (|B|, T)
     # S = the b examples of B the classifier finds most specific-like (deterministic)
-    S = filter_batch(score(ctx.weighter, x_B), cfg["batch_size"], "top")       # (b,) top-b logits
+    S = filter_batch(score(ctx.weighter, x_B), ctx.b, "top")                   # (b,) top-b logits
     ctx.last_loss = main_update(ctx, x_B[S])
     return idx_B[S]
 
@@ -542,7 +561,7 @@ def step_ltr(ctx, step):
     With no weighting network, a weight needs the main model's forward AND backward at the example
     (section 5.1), so LTR weighs only the b examples it trains on. The source share logged for LTR is
     the weighted one (Σ_i b·w_i per source), counted here."""
-    idx = ctx.generic_sampler.sample(ctx.cfg["batch_size"]).to(ctx.device)    # (b,) uniform draws
+    idx = shard(ctx, ctx.generic_sampler.sample(ctx.cfg["batch_size"]))    # (b,) uniform draws
     x = ctx.x_train[idx]                                                       # (b, T)
     # w_i ∝ max(−∂L_specific(θ − η Σ_j ε_j ∇ℓ_j)/∂ε_i, 0) at ε = 0, normalised to Σ w = 1 (Eq. 3, ε = 0)
     w, _ = bilevel.ltr_weights(ctx.model, x, specific_batch(ctx), lr_at(step, ctx.cfg))   # (b,)
@@ -556,14 +575,14 @@ def step_mwn(ctx, step):
     """Algorithm 1 with Meta-Weight-Net's w(x; α) = softmax(mlp(ℓ(x; θ); α)): ℓ(x; θ) for all of B
     (the main model's forward on |B| rows: MWN's expensive part, where the byte CNN of the sparse methods
     costs a fraction of it), the DDS outer step on R = the first b rows of B, then the filter."""
-    cfg, b = ctx.cfg, ctx.cfg["batch_size"]
+    cfg, b = ctx.cfg, ctx.b
     idx_B, x_B = big_batch(ctx)                                                # (|B|,), (|B|, T)
     with ctx.autocast():   # in chunks of b rows: the logits take no more memory than the main step's
         losses_B = bilevel.losses_of(ctx.model, x_B, b, ctx.device)                # (|B|,)
     if step % cfg["outer_every"] == 0:
         ctx.meta_opt.zero_grad(set_to_none=True)
         L = bilevel.mwn_step(ctx.model, ctx.weighter, x_B[:b], losses_B[:b], specific_batch(ctx), cfg["rho"])
-        ctx.meta_opt.step()
+        step_alpha(ctx)
         ctx.stats["outer_loss"] = L.detach()
     with torch.no_grad():
         s_B = ctx.weighter(losses_B).float()                                   # (|B|,) scores
@@ -591,9 +610,10 @@ def step_mwn(ctx, step):
 # returns the indices of the generic examples it trained on (or None), build its state in setup, add
 # that state to checkpoint_state so that a resumed run is exact, and list it here. Nothing else in the
 # loop, the evaluation or the outputs needs to change.
-METHODS = dict(baseline=step_baseline, mixing=step_mixing, specific=step_specific, dds=step_sparse,
-               soba=step_sparse, anograd=step_sparse, scalebio=step_scalebio, cds=step_cds, ltr=step_ltr,
-               classifier=step_classifier, mwn=step_mwn, frozen=step_sparse, shuffled=step_sparse)
+METHODS = dict(baseline=step_baseline, mixing=partial(step_baseline, mix=True), specific=step_specific,
+               dds=step_sparse, soba=step_sparse, anograd=step_sparse, scalebio=step_scalebio, cds=step_cds,
+               ltr=step_ltr, classifier=step_classifier, mwn=step_mwn, frozen=step_sparse,
+               shuffled=step_sparse)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -616,7 +636,16 @@ def eval_all(ctx):
 
 
 def finish_eval(ctx, done, phase, ms):
-    """Evaluate, append a record to log.jsonl, print the progress line, write a checkpoint."""
+    """Evaluate and log (torchrun: on rank 0), then write a checkpoint."""
+    all_reduce_mean([ctx.counts], mean=False)      # torchrun: the sources θ trained on, summed over ranks
+    if ctx.rank == 0:
+        log_eval(ctx, done, phase, ms)
+    ctx.counts.zero_()
+    save_checkpoint(ctx, done)
+
+
+def log_eval(ctx, done, phase, ms):
+    """Evaluate, append a record to log.jsonl, print the progress line, keep the results."""
     rec = {"step": done, "phase": phase, "elapsed_s": round(ctx.progress["train_time"], 2),
            "examples_seen": ctx.progress["seen"], **eval_all(ctx), "lr": lr_at(done, ctx.cfg),
            "train_loss": float(ctx.last_loss), **{k: float(v) for k, v in ctx.stats.items()}}
@@ -628,7 +657,6 @@ def finish_eval(ctx, done, phase, ms):
         rec["source_share"] = share
         if ctx.p is not None:
             rec["lambda"] = {n: s["share"] for n, s in share.items()}
-    ctx.counts.zero_()
     with open(os.path.join(ctx.cfg["out_dir"], "log.jsonl"), "a") as f:
         f.write(json.dumps(rec) + "\n")
     recent = ms[-ctx.cfg["eval_interval"]:]
@@ -639,7 +667,6 @@ def finish_eval(ctx, done, phase, ms):
         p["last_eval"] = {"pretrain": rec}
     if phase == "finetune" and (best is None or rec["specific_valid_loss"] < best["specific_valid_loss"]):
         p["best"] = rec
-    save_checkpoint(ctx, done)
 
 
 def base_rates(ctx):
@@ -651,13 +678,10 @@ def base_rates(ctx):
 def source_share(ctx):
     """Per source: its share of what θ trained on since the last evaluation (ScaleBiO: λ) and its
     base rate in the generic pool."""
-    if ctx.p is not None:
-        shares = torch.softmax(ctx.p.detach().float(), 0).tolist()      # ScaleBiO: λ = softmax(p)
-    else:
-        counts = ctx.counts.tolist()
-        if sum(counts) == 0:
-            return None
-        shares = [c / sum(counts) for c in counts]
+    if ctx.p is None and not ctx.counts.any():
+        return None
+    shares = (ctx.counts / ctx.counts.sum() if ctx.p is None                    # ScaleBiO: λ = softmax(p)
+              else torch.softmax(ctx.p.detach().float(), 0)).tolist()
     return {n: {"share": s, "base": b} for n, s, b in zip(ctx.generic.sources, shares, base_rates(ctx))}
 
 
@@ -671,13 +695,6 @@ def progress_line(rec, ms, ctx):
                 if target and share else ""))
 
 
-def peak_mem_mb(ctx):
-    """Peak memory in MB: allocated tensors on CUDA, the process's maximum resident set on the CPU."""
-    if torch.device(ctx.device).type == "cuda":
-        return torch.cuda.max_memory_allocated(ctx.device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def write_summary(ctx):
     """summary.json: the losses at the end of pretraining (and at the best fine-tuning evaluation, by
     specific valid loss), speed, memory, the learned distribution (source_share; ScaleBiO: lambda)."""
@@ -689,7 +706,7 @@ def write_summary(ctx):
         summary.update({f"{k}_finetuned": best[k] for k in ("specific_test_loss", "specific_valid_loss")},
                        finetune_best_step=best["step"])
     summary.update(ms_per_step=ctx.progress.get("pretrain_ms", 0.0) / cfg["max_steps"],
-                   peak_mem_mb=peak_mem_mb(ctx), train_time_s=ctx.progress["train_time"])
+                   peak_mem_mb=peak_mem_mb(ctx.device), train_time_s=ctx.progress["train_time"])
     summary.update({k: pre[k] for k in ("ess", "max_weight", "cds_score_s", "cds_examples_per_s",
                                         "cds_finetune_s", "source_share", "lambda") if k in pre})
     K = cfg["noise_sources"]
@@ -723,11 +740,9 @@ def result_words(summary, ctx):
 # ---------------------------------------------------------------------------------------------------
 # checkpoints: ctx.state lists everything a checkpoint holds; save and load loop over it
 
-class Stateful:
+def Stateful(get, put):
     """state_dict() / load_state_dict() for what is not a Module, an Optimizer or a Sampler."""
-
-    def __init__(self, get, put):
-        self.state_dict, self.load_state_dict = get, put
+    return SimpleNamespace(state_dict=get, load_state_dict=put)
 
 
 def checkpoint_state(ctx):
@@ -763,9 +778,16 @@ def checkpoint_state(ctx):
 
 
 def save_checkpoint(ctx, step):
-    """ckpt.pt: the step, the config and every entry of ctx.state, written atomically."""
+    """ckpt.pt: the step, the config and every entry of ctx.state, written atomically. torchrun: every
+    rank calls it; rank 0 writes, with the states that differ between ranks (RANK_LOCAL) of all ranks,
+    and the others wait until it is written."""
     st = {"step": step, "config": ctx.cfg, **{k: obj.state_dict() for k, obj in ctx.state.items()}}
-    atomic_write(os.path.join(ctx.cfg["out_dir"], "ckpt.pt"), lambda p: torch.save(st, p))
+    if ctx.world > 1:
+        st["ranks"] = gather({k: st[k].cpu() if torch.is_tensor(st[k]) else st[k]
+                              for k in RANK_LOCAL if k in st})
+    if ctx.rank == 0:
+        atomic_write(os.path.join(ctx.cfg["out_dir"], "ckpt.pt"), lambda p: torch.save(st, p))
+    gather(None)        # torchrun: a barrier, so that no rank exits before the checkpoint is written
 
 
 def load_checkpoint(ctx):
@@ -776,30 +798,11 @@ def load_checkpoint(ctx):
     if ctx.cfg["max_steps"] > saved["max_steps"] and st["step"] >= saved["max_steps"]:
         raise ConfigError(f"--max_steps: the run in {ctx.cfg['out_dir']} finished pretraining at step "
                           f"{saved['max_steps']}; only --finetune_steps can grow now")
+    st.update(st.get("ranks", [{}] * ctx.world)[ctx.rank])      # this rank's own random streams
     for k, obj in ctx.state.items():
         if k in st:
             obj.load_state_dict(st[k])
     return st["step"]
-
-
-def atomic_write(path, write):
-    """write(tmp), then rename: a file is whole or absent, never half-written."""
-    write(path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def write_json(path, obj):
-    """config.json and summary.json: indented JSON, written atomically."""
-    atomic_write(path, lambda p: json.dump(obj, open(p, "w"), indent=1))
-
-
-def save_weighter_snapshot(ctx, done):
-    """Runs that learn a text-scoring α save α_t to out_dir/weighters/step_t.pt every save_weighter_every
-    steps (0: at every pretraining evaluation), for `shuffled` replays (section 6.1)."""
-    cfg, k = ctx.cfg, ctx.cfg["save_weighter_every"]
-    due = done % k == 0 if k > 0 else (done % cfg["eval_interval"] == 0 or done == cfg["max_steps"])
-    if due and k >= 0 and done <= cfg["max_steps"] and ctx.weighter and cfg["method"] not in FIXED:
-        save_snapshot(ctx.weighter, cfg["out_dir"], done, cfg)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -812,7 +815,7 @@ class ConfigError(data.DataError):
 # settings a resumed run may change without changing what it computes (besides growing
 # finetune_steps, and max_steps while the run is still pretraining)
 RESUMABLE = {"resume", "overwrite", "device", "out_dir", "soba_chunks", "eval_batch_size", "compile"}
-RUN_FILES = ("config.json", "log.jsonl", "summary.json", "ckpt.pt", "weighters")   # what train.py writes
+RANK_LOCAL = ("gen", "torch_rng", "cuda_rng", "counts")      # differ between torchrun's ranks
 
 
 def help_text():
@@ -888,6 +891,9 @@ def resume_config(overrides, defaults):
         raise ConfigError(f"--resume: no run to continue in {os.path.dirname(path)} (no config.json)")
     with open(path) as f:
         cfg = {**defaults, **json.load(f)}
+    if cfg.get("world_size", 1) != ranks()[1]:     # torchrun's N (absent: 1)
+        raise ConfigError(f"--resume: the run in {os.path.dirname(path)} ran in {cfg.get('world_size', 1)} "
+                          f"process(es), not {ranks()[1]}: resume it with the same torchrun --nproc_per_node")
     for k, v in overrides.items():
         grows = k == "finetune_steps" or (k == "max_steps" and cfg["method"] != "shuffled")
         if v != cfg[k] and k not in RESUMABLE and not (grows and v > cfg[k]):
@@ -914,6 +920,8 @@ def check(cfg):
         need(cfg[k] in choices, k, f"expected one of {', '.join(choices)}")
     need(cfg["method"] not in SELECTING or cfg["batch_size"] <= cfg["big_batch_size"], "batch_size",
          f"must be at most --big_batch_size={cfg['big_batch_size']}")
+    for k in ("batch_size", "big_batch_size", "specific_batch_size"):     # global sizes: 1/N per rank
+        need(cfg[k] % ranks()[1] == 0, k, f"must be divisible by the {ranks()[1]} processes of torchrun")
     need(cfg["n_embd"] % cfg["n_head"] == 0, "n_embd", f"must be a multiple of --n_head={cfg['n_head']}")
     need(not cfg["lisa"] or 0 < cfg["lisa_layers"] <= cfg["n_layer"], "lisa_layers",
          f"must be in 1..n_layer={cfg['n_layer']}")
@@ -932,7 +940,7 @@ def prepare_out_dir(cfg):
     # ckpt.pt, and log.jsonl cut back to the checkpoint on --resume)
     """A fresh run refuses an out_dir holding another run, unless --overwrite (which removes only the
     files train.py writes); --resume keeps everything and cuts log.jsonl back to the checkpoint."""
-    found = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg["out_dir"], f))]
+    found = data.run_files(cfg["out_dir"])
     if found and not cfg["resume"] and not cfg["overwrite"]:
         raise ConfigError(f"--out_dir: {cfg['out_dir']} holds another run ({', '.join(found)}): continue it "
                           "with --resume, or replace it with --overwrite")
@@ -942,20 +950,21 @@ def prepare_out_dir(cfg):
 def run(cfg, defaults):
     """Set up, restore (--resume) or start, train. Nothing is written before the settings and the data
     have been checked; SIGINT / SIGTERM finish the step in progress, checkpoint and exit. Returns the
-    exit status."""
-    found = prepare_out_dir(cfg)           # checked first: a refusal costs no data loading
-    changed = {k: v for k, v in cfg.items() if v != defaults.get(k)}
+    exit status. torchrun: rank 0 alone checks and writes out_dir."""
+    rank0 = ranks()[0] == 0
+    found = prepare_out_dir(cfg) if rank0 else []    # checked first: a refusal costs no data loading
+    changed = {k: v for k, v in cfg.items() if v != defaults.get(k) and k != "world_size"}
     print("settings: " + (" ".join(f"--{k}={v}" for k, v in changed.items()) or "the defaults"))
+    if ranks()[1] > 1:
+        cfg["world_size"] = ranks()[1]     # saved in config.json: a resume needs the same N
     ctx = setup(cfg)
     start = load_checkpoint(ctx) if cfg["resume"] else 0
-    os.makedirs(cfg["out_dir"], exist_ok=True)
-    if cfg["resume"]:
-        truncate_log(os.path.join(cfg["out_dir"], "log.jsonl"), start)
-    else:
-        for f in found:     # --overwrite: only what an earlier run of train.py wrote
-            p = os.path.join(cfg["out_dir"], f)
-            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
-    write_json(os.path.join(cfg["out_dir"], "config.json"), cfg)
+    if rank0:
+        os.makedirs(cfg["out_dir"], exist_ok=True)
+        if cfg["resume"]:
+            truncate_log(os.path.join(cfg["out_dir"], "log.jsonl"), start)
+        data.remove_run_files(cfg["out_dir"], [] if cfg["resume"] else found)    # --overwrite
+        write_json(os.path.join(cfg["out_dir"], "config.json"), cfg)
     n_params = sum(p.numel() for p in ctx.model.parameters())
     print(f"{cfg['method']} | θ: {n_params / 1e6:.2f}M params | {ctx.device} | generic "
           f"{len(ctx.generic.train)} train examples, {len(ctx.generic.sources)} sources | specific "
@@ -967,14 +976,8 @@ def run(cfg, defaults):
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-
-def truncate_log(path, step):
-    """On resume: keep the log records up to the checkpoint's step (atomically)."""
-    if os.path.exists(path):
-        with open(path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        atomic_write(path, lambda p: open(p, "w").writelines(keep))
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def main(argv):
@@ -984,10 +987,13 @@ def main(argv):
         print(help_text())
         return 0
     defaults = {k: globals()[k] for k in config_keys}
+    if ranks()[0] > 0:                   # torchrun: rank 0 prints for all
+        sys.stdout = open(os.devnull, "w")
     try:
         return run(parse_args(argv, defaults), defaults)
     except (data.DataError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if ranks()[0] == 0:      # torchrun: every rank meets the same error, rank 0 prints it
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:     # Ctrl-C before training started (e.g. while reading the corpus)
         print("interrupted before training started; nothing was written", file=sys.stderr)

@@ -387,6 +387,19 @@ def test_document_subset_keeps_n_whole_documents_chosen_by_seed(corpora):
         data.document_subset(train, len(set(train.doc_id.tolist())) + 1, 0, "--specific_train_docs")
 
 
+def test_specific_train_docs_keeps_valid_and_test_and_draws_only_training_documents(corpora):
+    import data
+    import train
+    cfg = {**{k: getattr(train, k) for k in train.config_keys}, "generic": corpora["generic"],
+           "specific": corpora["specific"], "seq_len": 32, "doc_mode": "chunk", "specific_batch_size": 2}
+    (full,), (sub,) = (data.load_data(dict(cfg, specific_train_docs=n))[1] for n in (0, 5))
+    for split in ("valid", "test"):                       # untouched: the same examples, in order
+        assert getattr(sub, split).x.equal(getattr(full, split).x)
+    kept = set(sub.train.doc_id.tolist())
+    assert len(kept) == 5 and kept <= set(full.train.doc_id.tolist())
+    assert not kept & set(full.valid.doc_id.tolist()) and not kept & set(full.test.doc_id.tolist())
+
+
 # ----------------------------------------------------------------------------------------------
 # small and odd corpora
 

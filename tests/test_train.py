@@ -210,7 +210,8 @@ def test_each_outer_batch_comes_from_one_specific_set_chosen_uniformly():
     sets = [SimpleNamespace(train=SimpleNamespace(x=torch.full((50, 4), v, dtype=torch.uint8))) for v in (1, 2, 3)]
     ctx = SimpleNamespace(specifics=sets, specific_x=[s.train.x for s in sets],
                           specific_samplers=[data.Sampler(50, i) for i in range(3)],
-                          cfg={"specific_batch_size": 5}, gen=torch.Generator().manual_seed(0), device="cpu")
+                          cfg={"specific_batch_size": 5}, gen=torch.Generator().manual_seed(0), device="cpu",
+                          rank=0, world=1)
     firsts = []
     for _ in range(600):
         batch = train.specific_batch(ctx)

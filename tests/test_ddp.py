@@ -1,0 +1,252 @@
+"""Data parallelism under torchrun (train.py), on the CPU with gloo and two processes spawned here.
+
+1. One data-parallel step equals the single-process computation of the same objective on the same
+   examples. Each rank records what it drew (its shard of B, its filtered S, its shard of
+   B_specific) and copies of θ, α, v and their optimisers before the step; the reference, in this
+   process, steps the copies along gradients recomputed by plain autograd (tests/test_wiring.py's
+   independent helpers) on those examples:
+     θ: AdamW on the uniform mean loss of S_0 ∪ S_1 (baseline: of the two uniform shards);
+     α: Adam along the mean of the ranks' outer gradients, each with w = softmax over its own
+        shard (R_r for DDS and Anograd, S_r for SOBA): the per-rank normalisation of the README;
+     v: Adam along the mean of the ranks' d_v = H_{S_r} v + ∇L_specific on B_specific,r.
+   Stepping θ on rank 0's shard alone (no all-reduce) gives other numbers: the check can fail.
+2. After several more steps both ranks hold bit-identical θ, α and v.
+3. A 2-process `torchrun` run stopped by SIGTERM sent to rank 1 only stops both ranks at the same
+   step; resumed under torchrun, it ends with the uninterrupted 2-process run's losses and state.
+The file takes about a minute on a shared 2-core CPU.
+"""
+
+import copy
+import functools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import train  # noqa: E402
+from test_train import read_outputs, tensors_of, without_timing  # noqa: E402
+from test_wiring import (TINY, adam_on, anograd_grad, assert_update, dds_grad, differs, params,  # noqa: E402
+                         soba_dv, soba_grad, theta_after, weights_over)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILTIN = data.builtin_corpora
+METHODS = ("baseline", "dds", "anograd", "soba")
+WARMUP = 2                 # data-parallel steps before the checked one (Adam moments not empty)
+MORE = 3                   # steps after it, before the ranks are compared
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_ctx(method, out_dir):
+    """A tiny float64 run as tests/test_wiring.py builds it (α's scores scaled up, a non-zero v)."""
+    defaults = {k: getattr(train, k) for k in train.config_keys}
+    ctx = train.setup(train.parse_args([f"--method={method}", f"--out_dir={out_dir}", *TINY], defaults))
+    ctx.model.double()
+    if ctx.weighter is not None:
+        ctx.weighter.double()
+        with torch.no_grad():
+            ctx.weighter.head.weight.mul_(20.0)
+    if ctx.v is not None:
+        g = torch.Generator().manual_seed(3)
+        for t in ctx.v.values():
+            t.data = 0.1 * torch.randn(t.shape, generator=g, dtype=torch.float64)
+    return ctx
+
+
+def take_step(ctx, step):
+    """One pretraining step as train.train_loop takes it."""
+    for group in ctx.opt.param_groups:
+        group["lr"] = train.lr_at(step, ctx.cfg)
+    ctx.step = step
+    return train.METHODS[ctx.cfg["method"]](ctx, step)
+
+
+def recording(seen, name, f):
+    def wrapper(*args, **kwargs):
+        out = f(*args, **kwargs)
+        seen.setdefault(name, []).append(out)
+        return out
+    return wrapper
+
+
+def state_of(ctx):
+    """Copies of θ, α and v (empty lists for what the method does not have)."""
+    return dict(theta=params(ctx.model), alpha=params(ctx.weighter) if ctx.weighter else [],
+                v=[t.detach().clone() for t in ctx.v.values()] if ctx.v else [])
+
+
+def worker(rank, port, out_dir):
+    """One rank: for each method, WARMUP steps, the recorded step, MORE steps → out_dir/METHOD_RANK.pt."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    small = functools.lru_cache(maxsize=None)(lambda seed, seq_len: BUILTIN(seed, seq_len, n_generic=2000))
+    data.builtin_corpora = small
+    originals = {k: getattr(train, k) for k in ("big_batch", "specific_batch", "filter_batch")}
+    for method in METHODS:
+        ctx = make_ctx(method, os.path.join(out_dir, method))
+        for step in range(WARMUP):
+            take_step(ctx, step)
+        before = copy.deepcopy(dict(model=ctx.model, opt=ctx.opt, weighter=ctx.weighter,
+                                    meta_opt=ctx.meta_opt, v=ctx.v, v_opt=ctx.v_opt))
+        seen = {}
+        for k, f in originals.items():
+            setattr(train, k, recording(seen, k, f))
+        idx = take_step(ctx, WARMUP)
+        for k, f in originals.items():
+            setattr(train, k, f)
+        after = state_of(ctx)
+        for step in range(WARMUP + 1, WARMUP + 1 + MORE):
+            take_step(ctx, step)
+        torch.save(dict(before=before, seen=seen, x=ctx.x_train[idx], after=after, final=state_of(ctx),
+                        cfg=ctx.cfg), os.path.join(out_dir, f"{method}_{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks_out(tmp_path_factory):
+    """Both ranks' records, {method: [rank 0's, rank 1's]}, from one spawn of two processes."""
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(worker, args=(free_port(), str(out)), nprocs=2, join=True)
+    return {m: [torch.load(out / f"{m}_{r}.pt", weights_only=False) for r in range(2)] for m in METHODS}
+
+
+def shards(recs, name):
+    return [r["seen"][name][0] for r in recs]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_data_parallel_step_equals_the_single_process_computation(method, ranks_out):
+    recs = ranks_out[method]
+    snap, cfg = recs[0]["before"], recs[0]["cfg"]
+    theta_t = params(snap["model"])
+    b = cfg["batch_size"] // 2                                            # b/N rows a rank trains on
+    if method == "baseline":
+        x_S = [r["x"] for r in recs]
+    else:
+        x_B = [xb for _, xb in shards(recs, "big_batch")]
+        x_S = [xb[S] for xb, S in zip(x_B, shards(recs, "filter_batch"))]
+        x_spec = shards(recs, "specific_batch")
+        assert all(len(x) == b for x in x_S) and not torch.equal(x_S[0], x_S[1])
+    assert all(len(x) == b for x in x_S)
+    # θ: AdamW from the copied optimiser on the uniform mean loss of S_0 ∪ S_1
+    snap_ns = type("Snap", (), dict(model=snap["model"], opt=snap["opt"]))
+    theta_next = recs[0]["after"]["theta"]
+    assert_update(theta_next, theta_t, theta_after(snap_ns, torch.cat(x_S), cfg, WARMUP))
+    assert differs(theta_after(snap_ns, x_S[0], cfg, WARMUP), theta_next, theta_t)   # no all-reduce
+    if method == "baseline":
+        return
+    # α: Adam along the mean over ranks of the outer gradient, w = softmax over the rank's own shard
+    model, weighter = snap["model"], snap["weighter"]
+    per_rank = []
+    for r in range(2):
+        if method == "dds":
+            x_R = x_B[r][:b]
+            w = weights_over(weighter, x_R)
+            per_rank.append(dds_grad(model, weighter, x_R, x_spec[r], cfg["rho"], w))
+        elif method == "anograd":
+            x_R = x_B[r][:b]
+            w = F.softplus(weighter.a) * weights_over(weighter, x_R)
+            per_rank.append(anograd_grad(model, weighter, x_R, x_spec[r], w))
+        else:
+            per_rank.append(soba_grad(model, weighter, x_S[r], snap["v"], weights_over(weighter, x_S[r])))
+    mean = [None if g0 is None else (g0 + g1) / 2 for g0, g1 in zip(*per_rank)]
+    alpha_t, alpha_next = params(weighter), recs[0]["after"]["alpha"]
+    expected = adam_on(weighter, snap["meta_opt"], mean)
+    # Anograd's scale a gets a gradient that is 0 up to rounding (the cosine is scale-invariant)
+    names = [n for n, _ in weighter.named_parameters()]
+    keep = [j for j, n in enumerate(names) if not (method == "anograd" and n == "a")]
+    assert_update(*([t[j] for j in keep] for t in (alpha_next, alpha_t, expected)), rtol=1e-6)
+    if method != "soba":
+        return
+    # v: Adam (copied optimiser, η = lr_at(t)) along the mean over ranks of d_v
+    d_v = [soba_dv(model, x_S[r], x_spec[r], snap["v"])[0] for r in range(2)]
+    v, v_opt = copy.deepcopy((snap["v"], snap["v_opt"]))
+    v_opt.param_groups[0]["lr"] = train.lr_at(WARMUP, cfg)
+    for k, t in v.items():
+        t.grad = (d_v[0][k] + d_v[1][k]).detach() / 2
+    v_opt.step()
+    assert_update(recs[0]["after"]["v"], [t.detach() for t in snap["v"].values()],
+                  [t.detach() for t in v.values()], rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ranks_hold_identical_theta_alpha_v(method, ranks_out):
+    r0, r1 = (r["final"] for r in ranks_out[method])
+    for k in ("theta", "alpha", "v"):
+        assert len(r0[k]) == len(r1[k])
+        assert all(torch.equal(a, b) for a, b in zip(r0[k], r1[k])), k
+    assert not all(torch.equal(a, b) for a, b in zip(r0["theta"], ranks_out[method][0]["after"]["theta"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. interrupt and resume under torchrun
+
+FLAGS = ["--method=soba", "--max_steps=30", "--eval_interval=10", "--eval_examples=100", "--n_layer=1",
+         "--n_embd=32", "--n_hidden=64", "--seq_len=64", "--batch_size=16", "--specific_batch_size=16",
+         "--big_batch_size=128", "--device=cpu"]
+
+
+def torchrun(out_dir, *flags):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    return subprocess.Popen(launcher + [os.path.join(ROOT, "train.py"), f"--out_dir={out_dir}", *flags],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def rank_pid(proc, rank):
+    """The pid of torchrun's worker with RANK=rank."""
+    for pid in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split():
+        env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        if f"RANK={rank}".encode() in env:
+            return int(pid)
+    raise AssertionError(f"no rank {rank} among torchrun's workers")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the workers' pids")
+def test_sigterm_on_one_rank_then_resume_under_torchrun_is_exact(tmp_path):
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    cut = torchrun(cut_dir, *FLAGS)
+    log_path, deadline = cut_dir / "log.jsonl", time.time() + 300
+    while not (log_path.exists() and log_path.read_text().strip()):    # first evaluation (step 10) written
+        assert cut.poll() is None and time.time() < deadline, cut.communicate()
+        time.sleep(0.05)
+    os.kill(rank_pid(cut, 1), signal.SIGTERM)                           # rank 1 only
+    out, _ = cut.communicate(timeout=300)
+    assert cut.returncode != 0 and "stopped after step" in out, out
+    ckpt = torch.load(cut_dir / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert 10 <= ckpt["step"] < 30 and len(ckpt["ranks"]) == 2, ckpt["step"]
+    assert f"continue: torchrun --standalone --nproc_per_node=2 train.py --resume --out_dir={cut_dir}" in out
+    # a resume in one process is refused: the run's random streams are per rank
+    refused = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--resume",
+                              f"--out_dir={cut_dir}"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "2 process(es), not 1" in refused.stderr
+    resumed = torchrun(cut_dir, "--resume")
+    full = torchrun(full_dir, *FLAGS)
+    for proc in (resumed, full):
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+    s_full, log_full = read_outputs(full_dir)
+    s_cut, log_cut = read_outputs(cut_dir)
+    for k in ("specific_valid_loss", "specific_test_loss", "generic_valid_loss", "source_share"):
+        assert s_cut[k] == s_full[k], k
+    assert without_timing(log_cut) == without_timing(log_full)
+    a = torch.load(full_dir / "ckpt.pt", map_location="cpu", weights_only=True)
+    b = torch.load(cut_dir / "ckpt.pt", map_location="cpu", weights_only=True)
+    for k, t in tensors_of(a).items():
+        assert torch.equal(t, tensors_of(b)[k]), k
