@@ -1,22 +1,32 @@
 """Bad input through the command line: each case is a one-line error that names the file or flag,
-a non-zero exit, no traceback, and nothing written into out_dir."""
+a non-zero exit, no traceback, and nothing written into out_dir. The cases call train.main in this
+process (an exception would fail the test, as a traceback would); tests/test_newcomer.py runs the
+real command line in subprocesses."""
 
 import gzip
 import json
 import os
-import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train  # noqa: E402
 TINY = ["--n_layer=1", "--n_embd=16", "--n_head=2", "--n_hidden=32", "--seq_len=32", "--batch_size=4",
         "--big_batch_size=16", "--specific_batch_size=4", "--max_steps=4", "--eval_interval=2",
         "--eval_examples=16", "--weighter_dim=8"]
 
 
-def run(args, cwd=ROOT):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+@pytest.fixture
+def run(capsys):
+    """train.main(args) in this process → (returncode, stdout, stderr), as subprocess.run gives them."""
+    def main(args):
+        code = train.main(list(args))
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+    return main
 
 
 def write_jsonl(path, texts, gz=False):
@@ -61,7 +71,7 @@ BAD_GENERIC_FILES = [
 
 
 @pytest.mark.parametrize("name,content,needles", BAD_GENERIC_FILES, ids=[c[0] for c in BAD_GENERIC_FILES])
-def test_bad_generic_file(tmp_path, corpora, name, content, needles):
+def test_bad_generic_file(tmp_path, corpora, run, name, content, needles):
     path = tmp_path / name
     if content is not None:
         path.write_bytes(content)
@@ -77,20 +87,20 @@ def test_bad_generic_file(tmp_path, corpora, name, content, needles):
     ("--batch_size=64", "--batch_size"),                 # batch_size larger than big_batch_size (16)
     ("--method=magic", "--method"),                      # an unknown method
 ])
-def test_bad_flags(tmp_path, flag, needle):
+def test_bad_flags(tmp_path, run, flag, needle):
     out = tmp_path / "out"
     res = run([f"--out_dir={out}", *TINY, flag])
     assert_one_line_error(res, needle, out_dir=out)
 
 
-def test_specific_set_smaller_than_one_batch(tmp_path, corpora):
+def test_specific_set_smaller_than_one_batch(tmp_path, corpora, run):
     small = write_jsonl(tmp_path / "small.jsonl", ["only one short document"])
     out = tmp_path / "out"
     res = run(["--generic=" + corpora[0], f"--specific={small}", f"--out_dir={out}", *TINY])
     assert_one_line_error(res, "--specific", out_dir=out)
 
 
-def test_mismatched_checkpoint(tmp_path):
+def test_mismatched_checkpoint(tmp_path, run):
     out = tmp_path / "out"
     assert run([f"--out_dir={out}", *TINY, "--method=baseline"]).returncode == 0
     before = {f: (out / f).read_bytes() for f in os.listdir(out)}
@@ -103,8 +113,6 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
     """A non-finite gradient at step 5 stops the run with a one-line error naming the step, before θ
     takes the step; the checkpoint of step 4 stays as it was."""
     import torch
-    sys.path.insert(0, ROOT)
-    import train
     original = train.METHODS["baseline"]
 
     def poisoned(ctx, step):

@@ -221,6 +221,7 @@ def rank_pid(proc, rank):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the workers' pids")
 def test_sigterm_on_one_rank_then_resume_under_torchrun_is_exact(tmp_path):
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    full = torchrun(full_dir, *FLAGS)                                   # the uninterrupted run, alongside
     cut = torchrun(cut_dir, *FLAGS)
     log_path, deadline = cut_dir / "log.jsonl", time.time() + 300
     while not (log_path.exists() and log_path.read_text().strip()):    # first evaluation (step 10) written
@@ -237,7 +238,6 @@ def test_sigterm_on_one_rank_then_resume_under_torchrun_is_exact(tmp_path):
                               f"--out_dir={cut_dir}"], capture_output=True, text=True)
     assert refused.returncode == 2 and "2 process(es), not 1" in refused.stderr
     resumed = torchrun(cut_dir, "--resume")
-    full = torchrun(full_dir, *FLAGS)
     for proc in (resumed, full):
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out
