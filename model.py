@@ -19,6 +19,11 @@ derivatives go through the eager graph, never the compiled one.
 
 The model is built from a train.py config dict (the presets live in train.py only):
 `ByteLM.from_config(cfg)`.
+
+Devices and processes (used by train.py): `resolve_device` (--device), `peak_mem_mb`, and the few
+collectives of data-parallel training under torchrun: `init_ranks` joins the process group,
+`all_reduce_mean` averages gradients over the ranks, `any_rank` agrees on a stop signal, `gather`
+collects the per-rank random streams for a checkpoint. In a single process they do nothing.
 """
 
 import contextlib
