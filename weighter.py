@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import DataError, read_checkpoint
+from data import DataError, atomic_write, read_checkpoint
 
 
 class Weighter(nn.Module):
@@ -189,16 +189,15 @@ def save_snapshot(weighter, step, cfg):
     """α_t to out_dir/weighters/step_t.pt (a few 100 kB), with what load_weighter needs of the config,
     when it is due: every save_weighter_every steps of pretraining (0: at every evaluation; < 0: never),
     for `shuffled` replays (section 6.1)."""
-    k, out_dir = cfg["save_weighter_every"], cfg["out_dir"]
-    due = step % k == 0 if k > 0 else (step % cfg["eval_interval"] == 0 or step == cfg["max_steps"])
-    if not (due and k >= 0 and step <= cfg["max_steps"]):
+    every, out_dir = cfg["save_weighter_every"], cfg["out_dir"]
+    due = step % every == 0 if every > 0 else (step % cfg["eval_interval"] == 0 or step == cfg["max_steps"])
+    if not (due and every >= 0 and step <= cfg["max_steps"]):
         return
     os.makedirs(os.path.join(out_dir, "weighters"), exist_ok=True)
     snap = {"step": step, "weighter": weighter.state_dict(),
             "config": {k: cfg[k] for k in ("method", "weighter_dim", "weighter_kernel", "seq_len")}}
-    path = os.path.join(out_dir, "weighters", f"step_{step}.pt")
-    torch.save(snap, path + ".tmp")
-    os.replace(path + ".tmp", path)      # atomic: a snapshot is whole or absent
+    # atomic: a snapshot is whole or absent
+    atomic_write(os.path.join(out_dir, "weighters", f"step_{step}.pt"), lambda p: torch.save(snap, p))
 
 
 class Replay:
