@@ -3,7 +3,7 @@ Train a byte-level language model on a large *generic* corpus for a small *speci
 online bilevel data selection of "Adaptive Training Distributions with Scalable Online Bilevel
 Optimization" (Grangier, Ablin, Hannun), Algorithm 1, or one of the paper's baselines.
 
-    python train.py                                   # Sparse SOBA on the built-in corpus, ~3 min on a CPU
+    python train.py                                   # Sparse SOBA, built-in corpus, 4-6 min on 2 CPU cores
     python train.py --preset=cpu --method=baseline --generic=DIR --specific=FILE --out_dir=out/base
     python train.py --help                            # every setting, its default and what it does
 
