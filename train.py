@@ -296,14 +296,16 @@ def train_loop(ctx, start, stop):
             save_snapshot(ctx.weighter, done, cfg)     # α_t, when due, for `shuffled` replays (6.1)
         if done % cfg["eval_interval"] == 0 or done in (cfg["max_steps"], total):
             finish_eval(ctx, done, "pretrain" if done <= cfg["max_steps"] else "finetune", ms)
-        stop["sig"] = any_rank(stop["sig"] or 0, ctx.device) or None   # torchrun: if any rank was signalled
-        if stop["sig"] is not None:     # Ctrl-C / SIGTERM: the step is done, checkpoint and exit
+        # torchrun: the largest signal over the ranks. stop["sig"] is only read here, never reset: a handler
+        # that runs while the ranks agree (inside any_rank) is seen at the next step, not overwritten.
+        sig = any_rank(stop["sig"] or 0, ctx.device)
+        if sig:     # Ctrl-C / SIGTERM: the step is done, checkpoint and exit
             save_checkpoint(ctx, done)
             bar.close()
             launch = f"torchrun --standalone --nproc_per_node={ctx.world}" if ctx.world > 1 else "python"
             print(f"stopped after step {done}; continue: {launch} train.py --resume "
                   f"--out_dir={cfg['out_dir']}")
-            return 128 + stop["sig"]
+            return 128 + sig
     bar.close()
     if ctx.rank == 0:
         write_summary(ctx)

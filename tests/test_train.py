@@ -8,17 +8,14 @@ with the default config (about a minute each on a shared 2-core CPU).
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import ROOT
 
 import data
+import model
 import train
 
 # ----------------------------------------------------------------------------------------------
@@ -99,21 +96,10 @@ def test_sparse_methods_upweight_the_target_source(default_runs, method):
 # every method; frozen and shuffled replay the weighting network(s) of a short soba run
 RESUME_METHODS = ["baseline", "mixing", "specific", "dds", "soba", "anograd", "cds", "classifier", "ltr", "mwn",
                   "scalebio", "frozen", "shuffled"]
-RESUME_STEPS = 40
+RESUME_STEPS, SIGNAL_AT = 40, 13
 RESUME_FLAGS = [f"--max_steps={RESUME_STEPS}", "--eval_interval=10", "--eval_examples=100", "--n_layer=1",
                 "--n_embd=32", "--n_hidden=64", "--seq_len=64", "--batch_size=16", "--specific_batch_size=16",
                 "--big_batch_size=128"]
-
-
-def train_subprocess(out_dir, *flags):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={out_dir}", *flags],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def finish(proc, timeout=300):
-    out, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, out
 
 
 def without_timing(records):
@@ -121,40 +107,47 @@ def without_timing(records):
     return [{k: v for k, v in r.items() if not (k.endswith("_s") or k.endswith("_per_s"))} for r in records]
 
 
+def sigterm_during_stop_check(monkeypatch, step):
+    """A real SIGTERM to this process at the worst moment: while train_loop agrees on a stop at the end
+    of `step` (inside any_rank, after this step's flag was read). The run must stop after step + 1."""
+    calls = []
+
+    def any_rank(value, device):
+        calls.append(value)
+        if len(calls) == step:
+            os.kill(os.getpid(), signal.SIGTERM)     # train.run's handler sets the flag
+        return model.any_rank(value, device)
+    monkeypatch.setattr(train, "any_rank", any_rank)
+
+
 @pytest.fixture(scope="module")
 def weighter_run(tmp_path_factory):
     """A short soba run whose final weighter (ckpt.pt) and trajectory (weighters/) frozen and shuffled use."""
     out = tmp_path_factory.mktemp("weighter_run")
-    code, log = finish(train_subprocess(out, "--method=soba", *RESUME_FLAGS))
-    assert code == 0, log
+    assert train.main([f"--out_dir={out}", "--method=soba", *RESUME_FLAGS]) == 0
     return out
 
 
 @pytest.mark.parametrize("method", RESUME_METHODS)
-def test_resume_after_sigterm_is_exact(tmp_path, method, request):
+def test_resume_after_sigterm_is_exact(tmp_path, method, request, monkeypatch, capsys):
+    """In-process runs (the subprocess path is tested with Ctrl-C in test_newcomer.py and with torchrun
+    in test_ddp.py): uninterrupted vs stopped by SIGTERM after step 14 and resumed."""
     flags = [f"--method={method}", *RESUME_FLAGS]
     if method == "frozen":
         flags.append(f"--weighter_ckpt={request.getfixturevalue('weighter_run')}")
     if method == "shuffled":
         flags.append(f"--weighter_trajectory={request.getfixturevalue('weighter_run')}")
+    if method == "cds":     # Δ is computed at step 10, before the stop, and must come back from the checkpoint
+        flags.append("--cds_finetune_steps=10")
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
-    # the uninterrupted run, alongside the one we interrupt
-    full = train_subprocess(full_dir, *flags)
-    cut = train_subprocess(cut_dir, *flags)
-    log_path = cut_dir / "log.jsonl"
-    deadline = time.time() + 300
-    while not (log_path.exists() and log_path.read_text().strip()):    # first evaluation (step 10) written
-        assert cut.poll() is None and time.time() < deadline, finish(cut)
-        time.sleep(0.05)
-    cut.send_signal(signal.SIGTERM)
-    code, out = finish(cut)
-    assert code == 128 + signal.SIGTERM, out
+    assert train.main([f"--out_dir={full_dir}", *flags]) == 0
+    with monkeypatch.context() as m:
+        sigterm_during_stop_check(m, SIGNAL_AT)
+        assert train.main([f"--out_dir={cut_dir}", *flags]) == 128 + signal.SIGTERM
+    assert f"stopped after step {SIGNAL_AT + 1}; continue: python train.py --resume" in capsys.readouterr().out
     stopped_at = torch.load(cut_dir / "ckpt.pt", map_location="cpu", weights_only=True)["step"]
-    assert 10 <= stopped_at < RESUME_STEPS, stopped_at
-    code, out = finish(train_subprocess(cut_dir, *flags, "--resume"))
-    assert code == 0, out
-    code, out = finish(full)
-    assert code == 0, out
+    assert stopped_at == SIGNAL_AT + 1, stopped_at
+    assert train.main([f"--out_dir={cut_dir}", *flags, "--resume"]) == 0
 
     s_full, log_full = read_outputs(full_dir)
     s_cut, log_cut = read_outputs(cut_dir)
