@@ -227,7 +227,11 @@ def test_sigterm_on_one_rank_then_resume_under_torchrun_is_exact(tmp_path):
     while not (log_path.exists() and log_path.read_text().strip()):    # first evaluation (step 10) written
         assert cut.poll() is None and time.time() < deadline, cut.communicate()
         time.sleep(0.05)
-    os.kill(rank_pid(cut, 1), signal.SIGTERM)                           # rank 1 only
+    rank0, rank1 = rank_pid(cut, 0), rank_pid(cut, 1)
+    os.kill(rank0, signal.SIGSTOP)        # held: the run cannot finish before rank 1 has its signal
+    os.kill(rank1, signal.SIGTERM)        # rank 1 only
+    time.sleep(0.5)
+    os.kill(rank0, signal.SIGCONT)
     out, _ = cut.communicate(timeout=300)
     assert cut.returncode != 0 and "stopped after step" in out, out
     ckpt = torch.load(cut_dir / "ckpt.pt", map_location="cpu", weights_only=True)
