@@ -95,6 +95,16 @@ def help_text(sub=None):
                               "--device): see `python train.py --help`."] * train_settings)
 
 
+def run_steps(ctx, method, first, n, desc=None):
+    """Training steps first, …, first + n − 1 of `method` on ctx, at train.py's learning rates;
+    desc labels a tqdm bar (None: no bar)."""
+    for i in tqdm(range(first, first + n), desc=desc, leave=False, disable=True if desc is None else None):
+        for group in ctx.opt.param_groups:
+            group["lr"] = train.lr_at(i, ctx.cfg)
+        ctx.step = i
+        train.METHODS[method](ctx, i)
+
+
 def train_defaults():
     """train.py's settings and their defaults: its config block."""
     return {k: getattr(train, k) for k in train.config_keys}
@@ -167,14 +177,6 @@ SAR_OPTIONS = dict(
     n_examples=(64, "held-out examples x of each kind per draw"),
     out_json=("", "also write the rates and their intervals here"),
     save_ckpt=("", "without --ckpt: save the pretrained θ here, for later `sar --ckpt=...`"))
-# what the rates mean (paper, section 6.3), printed under them
-SAR_READING = """\
-SAR: the share of specific examples whose gradient aligns better with a specific batch than with a generic
-one; GAR: the share of generic examples aligned better with the generic batch (chance: 50%). High SAR with
-a lower GAR: the specific loss is hard to improve from generic data as it comes, which is where data
-selection helps. Both near 50%: generic batches help as much, or the first-order view cannot tell them
-apart, and bilevel selection is unlikely to help. Paper, Table 8: language modelling (C4 -> Reuters)
-SAR 86.2%, GAR 69.4%; image classification, where selection did not help, 50.3%, 49.8%."""
 
 
 def alignments(model, x, B_specific, B_generic):
@@ -196,9 +198,7 @@ def acceleration_indicators(model, x_specific, x_generic, B_specific, B_generic)
 
 
 def wilson(k, n, z=1.96):
-    """95% Wilson score interval of a binomial rate k/n (treats every indicator as independent)."""
-    if n == 0:
-        return float("nan"), float("nan")
+    """95% Wilson score interval of a binomial rate k/n, n > 0 (treats every indicator as independent)."""
     p, c = k / n, z * z / n
     # (p + z²/2n ± z √(p(1−p)/n + z²/4n²)) / (1 + z²/n)
     centre, half = (p + c / 2) / (1 + c), z * math.sqrt(p * (1 - p) / n + c / (4 * n)) / (1 + c)
@@ -238,11 +238,7 @@ def sar_setup(opts, train_argv):
     cfg = train.parse_args(train_argv + ["--method=baseline", f"--max_steps={steps}", "--finetune_steps=0"],
                            train_defaults())
     ctx = train.setup(cfg)
-    for step in tqdm(range(steps), desc="pretrain (baseline)", leave=False, disable=None):
-        for group in ctx.opt.param_groups:
-            group["lr"] = train.lr_at(step, cfg)
-        ctx.step = step
-        train.step_baseline(ctx, step)
+    run_steps(ctx, "baseline", 0, steps, desc="pretrain (baseline)")
     if opts["save_ckpt"]:    # θ_t for later `sar --ckpt=...` (pretraining never reads the specific set)
         st = {"step": steps, "config": cfg, "model": ctx.model.state_dict()}
         save(opts["save_ckpt"], lambda p: torch.save(st, p))
@@ -254,7 +250,15 @@ def cmd_sar(opts, train_argv):
 
     θ is a baseline model pretrained here on the generic data (--pretrain_steps), or read from
     --ckpt. Each draw takes fresh batches B_specific, B_generic of b = --batch_size training examples
-    and fresh held-out examples; prints both rates with 95% intervals and what they mean."""
+    and fresh held-out examples; prints both rates with 95% intervals and what they mean:
+
+    SAR: the share of specific examples whose gradient aligns better with a specific batch than with a
+    generic one; GAR: the share of generic examples aligned better with the generic batch (chance: 50%).
+    High SAR with a lower GAR: the specific loss is hard to improve from generic data as it comes, which
+    is where data selection helps. Both near 50%: generic batches help as much, or the first-order view
+    cannot tell them apart, and bilevel selection is unlikely to help. Paper, Table 8: language modelling
+    (C4 -> Reuters) SAR 86.2%, GAR 69.4%; image classification, where selection did not help, 50.3%,
+    49.8%."""
     need(opts["draws"] > 0 and opts["n_examples"] > 0, "--draws and --n_examples: must be positive")
     ctx, origin, steps = sar_setup(opts, train_argv)
     need(len(ctx.specifics) == 1, "--specific: sar takes one specific set")
@@ -274,7 +278,8 @@ def cmd_sar(opts, train_argv):
         r, (lo, hi), (wlo, whi) = res[name], res[name]["ci95_bootstrap_draws"], res[name]["ci95_wilson"]
         print(f"{name.upper()} {100 * r['rate']:5.1f}%  95% CI {100 * lo:.1f}-{100 * hi:.1f} (bootstrap over "
               f"{opts['draws']} draws; Wilson {100 * wlo:.1f}-{100 * whi:.1f} over {r['n']} examples)")
-    print(f"θ: {origin} | |B| = {b}\n\n{SAR_READING}")
+    # then the docstring's last paragraph: what the rates mean
+    print(f"θ: {origin} | |B| = {b}\n\n" + inspect.cleandoc(cmd_sar.__doc__).split(":\n\n")[-1])
     if opts["out_json"]:
         save(opts["out_json"], res)
     return 0
@@ -369,22 +374,32 @@ def weighter_report(run, cfg, opts):
     print(markdown(["score bin", "s range", "n", "mean ℓ", "top source"], rows))
 
 
+def plot(path, panels):
+    """A PNG of side-by-side panels over the steps of runs' evaluations, each (title, y label,
+    {label: (records, value of a record)}, a dashed level or None)."""
+    import matplotlib.pyplot as plt     # figures are only saved: any backend, no display needed
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (title, ylabel, curves, level) in zip(axes[0], panels):
+        for label, (records, value) in curves.items():
+            ax.plot([r["step"] for r in records], [value(r) for r in records], label=label)
+        if level is not None:
+            ax.axhline(level, color="gray", linestyle="--", label=f"target {level:.3f}")
+        ax.set(xlabel="step", ylabel=ylabel, title=title), ax.legend(fontsize=7)
+    fig.tight_layout()
+    save(path, lambda p: fig.savefig(p, dpi=120, format="png"))
+    print(f"\nplot: {path}")
+
+
 def plot_run(records, path):
     """PNG of the shares of the examples trained on, for the 8 most up-weighted sources, and of the
     losses, over the evaluations of the run."""
-    import matplotlib.pyplot as plt     # figures are only saved: any backend, no display needed
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     recs = [r for r in records if r.get("source_share")]
     final = recs[-1]["source_share"] if recs else {}
-    for src in sorted(final, key=lambda s: -final[s]["share"] / max(final[s]["base"], 1e-12))[:8]:
-        ax1.plot([r["step"] for r in recs], [r["source_share"][src]["share"] for r in recs], label=src)
-    for key in ("specific_valid_loss", "generic_valid_loss"):
-        ax2.plot([r["step"] for r in records], [r[key] for r in records], label=key)
-    ax1.set(xlabel="step", ylabel="share of the examples trained on", title="top sources, by share / base")
-    ax2.set(xlabel="step", ylabel="nats / byte", title="losses")
-    ax1.legend(fontsize=7), ax2.legend(), fig.tight_layout()
-    save(path, lambda p: fig.savefig(p, dpi=120, format="png"))
-    print(f"\nplot: {path}")
+    top = sorted(final, key=lambda s: -final[s]["share"] / max(final[s]["base"], 1e-12))[:8]
+    plot(path, [("top sources, by share / base", "share of the examples trained on",
+                 {s: (recs, lambda r, s=s: r["source_share"][s]["share"]) for s in top}, None),
+                ("losses", "nats / byte", {k: (records, lambda r, k=k: r[k])
+                                           for k in ("specific_valid_loss", "generic_valid_loss")}, None)])
 
 
 def cmd_weights(opts, _):
@@ -536,7 +551,7 @@ COMPARE_OPTIONS = dict(
     metric=("specific_valid_loss", "the logged loss the target applies to"),
     interpolate=(True, "interpolate between evaluations (else: the first evaluation at or below)"),
     force=(False, "compare runs trained on different specific sets anyway"),
-    out=("", "also write the table here (markdown) and its numbers next to it (.json)"))
+    out=("", "also write the table here (markdown), its numbers (.json), the curves (.png, with matplotlib)"))
 
 
 def time_to_target(records, target, key="specific_valid_loss", interpolate=True):
@@ -604,8 +619,14 @@ def cmd_compare(opts, _):
             f"the baseline.\n\n" + markdown(header, rows))
     print(text)
     if opts["out"]:
+        os.makedirs(os.path.dirname(os.path.abspath(opts["out"])), exist_ok=True)
         save(opts["out"], text + "\n")
         save(os.path.splitext(opts["out"])[0] + ".json", out)
+    if opts["out"] and importlib.util.find_spec("matplotlib"):    # Figure 1 as a picture, next to the table
+        pre = lambda r: [x for x in r["records"] if x.get("phase", "pretrain") == "pretrain"]
+        plot(os.path.splitext(opts["out"])[0] + ".png", [("pretraining; target: the baseline's final", key,
+             {f"{r['method']}: {os.path.basename(os.path.normpath(run))}": (pre(r), lambda x: x[key])
+              for run, r in info.items()}, target)])
     return 0
 
 
@@ -813,13 +834,6 @@ def cpu_peak_mb(fn):
 def is_cuda(device):
     """Whether a device string ("cpu", "cuda", "cuda:1") names a GPU."""
     return torch.device(device).type == "cuda"
-
-
-def run_steps(ctx, method, first, n):
-    """Training steps first, …, first + n − 1 of `method` on ctx."""
-    for i in range(first, first + n):
-        ctx.step = i
-        train.METHODS[method](ctx, i)
 
 
 def ms_per_call(fn, n, device, warmup=1):

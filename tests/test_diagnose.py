@@ -2,6 +2,7 @@
 section-6 methods (frozen, shuffled). Everything runs on tiny corpora and models in seconds on a CPU."""
 
 import gzip
+import importlib.util
 import inspect
 import json
 import math
@@ -272,6 +273,24 @@ def test_compare_speedups(tmp_path, capsys):
     assert "not reached" in capsys.readouterr().out
     assert diagnose.main(["compare", f"--runs={tmp_path}/missing"]) == 2
     assert f"{tmp_path}/missing" in one_line_error(capsys)
+
+
+def test_compare_draws_the_pretraining_curves_and_the_target(tmp_path, monkeypatch):
+    base = fake_run(str(tmp_path / "base"), "baseline", [2.0, 1.8, 1.6], [10, 20, 30])
+    soba = fake_run(str(tmp_path / "soba"), "soba", [1.9, 1.5, 1.3], [15, 30, 45])
+    drawn = []
+    with monkeypatch.context() as m:     # what would be drawn, with or without matplotlib here
+        m.setattr(importlib.util, "find_spec", lambda name, *a: object())
+        m.setattr(diagnose, "plot", lambda path, panels: drawn.append((path, panels)))
+        assert diagnose.main(["compare", f"--runs={base},{soba}", f"--out={tmp_path / 'cmp.md'}"]) == 0
+    [(path, [(_, ylabel, curves, level)])] = drawn
+    assert path == str(tmp_path / "cmp.png") and ylabel == "specific_valid_loss" and level == 1.6
+    points = {label: [(r["step"], value(r)) for r in records] for label, (records, value) in curves.items()}
+    assert points == {"baseline: base": [(100, 2.0), (200, 1.8), (300, 1.6)],     # no fine-tuning record
+                      "soba: soba": [(100, 1.9), (200, 1.5), (300, 1.3)]}
+    if importlib.util.find_spec("matplotlib"):
+        assert diagnose.main(["compare", f"--runs={base},{soba}", f"--out={tmp_path / 'real.md'}"]) == 0
+        assert (tmp_path / "real.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_compare_needs_a_baseline_and_one_specific_set(tmp_path, capsys):
