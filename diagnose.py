@@ -387,6 +387,7 @@ def plot(path, panels):
         ax.set(xlabel="step", ylabel=ylabel, title=title), ax.legend(fontsize=7)
     fig.tight_layout()
     save(path, lambda p: fig.savefig(p, dpi=120, format="png"))
+    plt.close(fig)
     print(f"\nplot: {path}")
 
 
