@@ -525,7 +525,7 @@ def test_resume_may_grow_max_steps_while_still_pretraining(capsys, tmp_path, cor
     signal.signal(signal.SIGINT, lambda *_: None)       # a late signal finds this, not pytest's handler
     thread = threading.Thread(target=ctrl_c, daemon=True)
     thread.start()
-    run_flags = flags(corpora, run, "--max_steps=60", "--eval_interval=10")
+    run_flags = flags(corpora, run, "--max_steps=60", "--eval_interval=2")
     code, stdout, stderr = main_in_process(capsys, *run_flags)
     thread.join()
     assert code == 130, stdout + stderr
@@ -591,12 +591,12 @@ SIGINT_STEPS = 60
 
 def test_ctrl_c_during_training_then_resume_equals_an_uninterrupted_run(capsys, tmp_path, corpora):
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
-    run_flags = ["--eval_interval=10", f"--max_steps={SIGINT_STEPS}"]    # in place of TINY's
+    run_flags = ["--eval_interval=2", f"--max_steps={SIGINT_STEPS}"]     # the signal comes after step 2: 58 to go
     with open(tmp_path / "cut.out", "w") as cut_out:
         cut = start(flags(corpora, cut_dir, *run_flags), cut_out)
     try:
         log_path, deadline = cut_dir / "log.jsonl", time.time() + 240
-        while not (log_path.exists() and log_path.read_text().strip()):   # the first evaluation (step 10)
+        while not (log_path.exists() and log_path.read_text().strip()):   # the first evaluation (step 2)
             assert cut.poll() is None, (tmp_path / "cut.out").read_text()
             assert time.time() < deadline, "no evaluation after 240 s"
             time.sleep(0.02)
