@@ -74,7 +74,7 @@ overwrite = False       # replace a run in out_dir (removes only the files train
 seed = 0                # every random stream (data draws, filter, init, dropout) derives from it
 device = "auto"         # "auto" = cuda if available, else cpu; or cpu, cuda, cuda:N
 compile = False         # torch.compile θ's first-order passes (CUDA; SOBA's double backward stays eager)
-preset = ""             # "cpu" | "small" | "paper": see PRESETS
+preset = ""             # "cpu" | "small" | "paper" | "scarce": see PRESETS
 # --- method (METHODS below lists them all)
 method = "soba"         # baseline | mixing | specific | dds | soba | anograd | scalebio | cds | ... (below)
 # --- main model θ (paper Table 1 is the "paper" preset)
@@ -859,7 +859,8 @@ def cast(key, val, default):
     try:
         return bools[val.lower()] if isinstance(default, bool) else type(default)(val)
     except (KeyError, ValueError):
-        raise ConfigError(f"--{key}: expected a {type(default).__name__}, got {val!r}") from None
+        what = {"int": "an integer", "float": "a number", "bool": "true or false"}[type(default).__name__]
+        raise ConfigError(f"--{key}: expected {what}, got {val!r}") from None
 
 
 def parse_args(argv, defaults):
