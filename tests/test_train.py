@@ -13,7 +13,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-
 import data
 import model
 import train
