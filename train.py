@@ -144,7 +144,7 @@ PRESETS = {
                   weighter_dim=128, batch_size=128, big_batch_size=16384, specific_batch_size=128,
                   max_steps=300_000, warmup=1000, eval_interval=5000, eval_examples=0, soba_chunks=2),
 }
-# the paper's regime at CPU scale (README, "The paper's regime on a CPU"): every 128-byte window of the
+# the paper's regime at CPU scale (README, "Table 2 in the paper's regime"): every 128-byte window of the
 # generic corpus (388k examples for the 96k trained on: never repeated), 30 specific training documents
 # (specific-only training overfits them by step ~900), 3000 steps and 600 of fine-tuning; meta_lr 3e-3: the
 # lowest final specific VALID loss of SOBA over 1e-4, 3e-4, 1e-3, 3e-3, on seeds 0 and 1 (README)
