@@ -298,9 +298,12 @@ def losses_of(model, x, batch_size=256, device="cpu", desc=None):
     model.eval()
     starts = tqdm(range(0, len(x), batch_size), desc=desc, disable=True if desc is None else None,
                   leave=False, dynamic_ncols=True)
-    out = [model(x[i:i + batch_size].to(device)).float() for i in starts]   # [(batch,) ℓ(x; θ)]
+    out = torch.empty(len(x), dtype=torch.float32, device=device)               # (N,) ℓ(x; θ)
+    for i in starts:   # filled in place: N/batch small tensors kept alive between the big temporaries
+        # fragment the CPU heap, which grew by ~30 KB an example (12 GB for CDS on 388k examples)
+        out[i:i + batch_size] = model(x[i:i + batch_size].to(device)).float()
     model.train(was_training)
-    return torch.cat(out)                                                        # (N,)
+    return out
 
 
 def cds_delta(model, tuned, x, batch_size=256, device="cpu"):
