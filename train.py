@@ -62,6 +62,10 @@ from model import (ByteLM, all_reduce_mean, any_rank, gather, grads_of, init_ran
 from weighter import (LossWeighter, Replay, Weighter, effective_sample_size, filter_batch, load_weighter,
                       save_snapshot, score)
 
+# what diagnose.py and the tests may use: the rest of this file is free to change
+__all__ = ["config_keys", "PRESETS", "METHODS", "ConfigError", "TrainingError", "parse_args", "cast", "setup",
+           "train_step", "lr_at"]
+
 # ---- config: the built-in experiment, small enough for a 2-core CPU in a few minutes -----------------
 # --- I/O
 out_dir = "out"         # config.json, log.jsonl, summary.json, ckpt.pt and weighters/ go here
@@ -281,11 +285,8 @@ def train_loop(ctx, start, stop):
                leave=False, disable=None if ctx.rank == 0 else True)
     for step in bar:
         pretrain = step < cfg["max_steps"]
-        for group in ctx.opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        t0, ctx.step = time.perf_counter(), step
-        # one step of the method (then of fine-tuning on the specific set); idx: (b,) or None
-        idx = (METHODS[cfg["method"]] if pretrain else step_specific)(ctx, step)
+        t0 = time.perf_counter()
+        idx = train_step(ctx, step)
         ms.append(1000 * (time.perf_counter() - t0))
         p = ctx.progress      # what the run has done so far (saved in the checkpoint)
         p["train_time"], p["seen"] = p["train_time"] + ms[-1] / 1000, p["seen"] + cfg["batch_size"]
@@ -311,6 +312,15 @@ def train_loop(ctx, start, stop):
     if ctx.rank == 0:
         write_summary(ctx)
     return 0
+
+
+def train_step(ctx, step):
+    """One training step at `step`: the method's step while pretraining, then fine-tuning's, at lr_at(step).
+    Returns the indices (b,) of the generic examples θ trained on, or None."""
+    for group in ctx.opt.param_groups:
+        group["lr"] = lr_at(step, ctx.cfg)
+    ctx.step = step
+    return (METHODS[ctx.cfg["method"]] if step < ctx.cfg["max_steps"] else step_specific)(ctx, step)
 
 
 # ---------------------------------------------------------------------------------------------------
