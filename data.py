@@ -20,7 +20,6 @@ import gzip
 import hashlib
 import json
 import os
-import shutil
 import zlib
 from dataclasses import dataclass
 
@@ -363,29 +362,6 @@ def atomic_write(path, write):
 def write_json(path, obj):
     """config.json and summary.json: indented JSON, written atomically."""
     atomic_write(path, lambda p: json.dump(obj, open(p, "w"), indent=1))
-
-
-def truncate_log(path, step):
-    """On resume: keep the log records up to the checkpoint's step (atomically)."""
-    if os.path.exists(path):
-        with open(path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        atomic_write(path, lambda p: open(p, "w").writelines(keep))
-
-
-RUN_FILES = ("config.json", "log.jsonl", "summary.json", "ckpt.pt", "weighters")   # what train.py writes
-
-
-def run_files(out_dir):
-    """The files and folders of RUN_FILES that out_dir holds."""
-    return [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
-
-
-def remove_run_files(out_dir, names):
-    """--overwrite: remove only what an earlier run of train.py wrote (RUN_FILES), nothing else."""
-    for f in names:
-        p = os.path.join(out_dir, f)
-        shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
 
 
 def document_subset(examples: Examples, n: int, seed: int, flag: str = "--specific_train_docs") -> Examples:

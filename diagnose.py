@@ -67,17 +67,18 @@ def need(ok, message):
 
 def parse_options(argv, table, sub, train_settings):
     """argv → (options, [--key=value strings for train.py]), or a one-line DiagnoseError."""
-    opts, passthrough = {key: default for key, (default, _) in table.items()}, []
+    opts = {key: default for key, (default, _) in table.items()}
+    passthrough = []
+    see = f"of `{sub}` (see python diagnose.py {sub} --help)"
     for arg in argv:
+        need(arg.startswith("--"), f"{arg}: expected --key=value {see}")
         key, eq, val = arg[2:].partition("=")
-        what = f"--{key}: unknown option" if arg.startswith("--") else f"{arg}: expected --key=value"
-        need(arg.startswith("--") and (key in table or train_settings and key in train.config_keys),
-             f"{what} of `{sub}` (see python diagnose.py {sub} --help)")
-        if key not in table:
-            passthrough.append(arg)
-        else:
+        if key in table:          # the subcommand's own option: a value of its default's type
             need(eq or isinstance(opts[key], bool), f"--{key}: expected --{key}=VALUE")
             opts[key] = train.cast(key, val if eq else "True", table[key][0])
+        else:                     # a train.py setting, for train.py's own parser
+            need(train_settings and key in train.config_keys, f"--{key}: unknown option {see}")
+            passthrough.append(arg)
     return opts, passthrough
 
 
@@ -91,18 +92,17 @@ def help_text(sub=None):
     fn, table, train_settings = COMMANDS[sub]
     lines = [f"usage: python diagnose.py {sub} --key=value ...\n", inspect.cleandoc(fn.__doc__), "\noptions:"]
     lines += [f"  {f'--{key}={default}':<28} {meaning}" for key, (default, meaning) in table.items()]
-    return "\n".join(lines + ["\nAny train.py setting is accepted too (the model, the data, --preset, "
-                              "--device): see `python train.py --help`."] * train_settings)
+    if train_settings:
+        lines.append("\nAny train.py setting is accepted too (the model, the data, --preset, --device): see "
+                     "`python train.py --help`.")
+    return "\n".join(lines)
 
 
-def run_steps(ctx, method, first, n, desc=None):
-    """Training steps first, …, first + n − 1 of `method` on ctx, at train.py's learning rates;
-    desc labels a tqdm bar (None: no bar)."""
+def run_steps(ctx, first, n, desc=None):
+    """Training steps first, …, first + n − 1 of ctx's method, each by train.train_step (train.py's
+    learning rate, then the method's step); desc labels a tqdm bar (None: no bar)."""
     for i in tqdm(range(first, first + n), desc=desc, leave=False, disable=True if desc is None else None):
-        for group in ctx.opt.param_groups:
-            group["lr"] = train.lr_at(i, ctx.cfg)
-        ctx.step = i
-        train.METHODS[method](ctx, i)
+        train.train_step(ctx, i)
 
 
 def train_defaults():
@@ -138,11 +138,11 @@ def save(path, what):
     through a temporary file renamed at the end (data.atomic_write): a reader never sees half a
     file, a failure leaves none, and open() gives the file the umask's permissions (0644 under the
     usual 022; tempfile's would be 0600)."""
-    if not callable(what):
-        text = what if isinstance(what, str) else json.dumps(what, indent=1) + "\n"
-        what = lambda p: open(p, "w", encoding="utf-8").write(text)      # closed as it goes out of scope
+    def write_text(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(what if isinstance(what, str) else json.dumps(what, indent=1) + "\n")
     try:
-        data.atomic_write(path, what)
+        data.atomic_write(path, what if callable(what) else write_text)
     finally:                   # after a failure: no temporary file left behind
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
@@ -179,11 +179,15 @@ SAR_OPTIONS = dict(
     save_ckpt=("", "without --ckpt: save the pretrained θ here, for later `sar --ckpt=...`"))
 
 
+def unit(g):
+    """u(B) = ∇ℓ(B; θ) / ‖∇ℓ(B; θ)‖, parameter-shaped, from g = ∇ℓ(B; θ)."""
+    norm = bilevel.dot(g, g).sqrt()
+    return {k: t / norm for k, t in g.items()}
+
+
 def alignments(model, x, B_specific, B_generic):
     """(a_norm(x, B_specific), a_norm(x, B_generic)) for every row of x: (n,), (n,)."""
     theta = bilevel.theta_of(model)
-    # u(B) = ∇ℓ(B; θ) / ‖∇ℓ(B; θ)‖, parameter-shaped, from g = ∇ℓ(B; θ)
-    unit = lambda g: {k: t / bilevel.dot(g, g).sqrt() for k, t in g.items()}
     # a_norm(x, B) = ∇ℓ(x; θ)ᵀ u(B): (n,) for each batch, one backward pass each
     return tuple(bilevel.per_example_dot(model, theta, x, unit(bilevel.grad_at(model, theta, B)[0]))[1]
                  for B in (B_specific, B_generic))
@@ -228,17 +232,17 @@ def sar_setup(opts, train_argv):
     ckpt, steps = opts["ckpt"], opts["pretrain_steps"]
     if ckpt:
         need(not any(a.startswith("--preset=") for a in train_argv), "--preset: not with --ckpt (it has one)")
-        st = train.read_checkpoint(os.path.join(ckpt, "ckpt.pt") if os.path.isdir(ckpt) else ckpt, "--ckpt")
+        st = data.read_checkpoint(os.path.join(ckpt, "ckpt.pt") if os.path.isdir(ckpt) else ckpt, "--ckpt")
         need("model" in st and "config" in st, f"--ckpt: {ckpt} holds no model θ (a weighters/ snapshot?)")
         # the checkpoint's settings, and the ones given here over them (e.g. another --specific)
         defaults = {**train_defaults(), **st["config"], "preset": "", "resume": False}
-        ctx, steps = train.setup(train.parse_args(train_argv + ["--method=baseline"], defaults)), st["step"]
+        ctx = train.setup(train.parse_args(train_argv + ["--method=baseline"], defaults))
         ctx.model.load_state_dict(st["model"])
-        return ctx, f"{ckpt} (step {steps})", steps
+        return ctx, f"{ckpt} (step {st['step']})", st["step"]
     cfg = train.parse_args(train_argv + ["--method=baseline", f"--max_steps={steps}", "--finetune_steps=0"],
                            train_defaults())
     ctx = train.setup(cfg)
-    run_steps(ctx, "baseline", 0, steps, desc="pretrain (baseline)")
+    run_steps(ctx, 0, steps, desc="pretrain (baseline)")
     if opts["save_ckpt"]:    # θ_t for later `sar --ckpt=...` (pretraining never reads the specific set)
         st = {"step": steps, "config": cfg, "model": ctx.model.state_dict()}
         save(opts["save_ckpt"], lambda p: torch.save(st, p))
@@ -265,12 +269,13 @@ def cmd_sar(opts, train_argv):
     if steps < 200:      # a θ this close to its initialisation: the rates say little about training
         print(f"warning: θ trained {steps} steps (< 200): the rates are not meaningful yet", file=sys.stderr)
     cfg, b, n, spec, gen = ctx.cfg, ctx.cfg["batch_size"], opts["n_examples"], ctx.specifics[0], ctx.generic
-    g = torch.Generator().manual_seed(cfg["seed"] + 1000)
-    draw = lambda ex, k: ex.x[torch.randint(len(ex), (k,), generator=g)].to(ctx.device)  # (k, T) uniform rows
-    # each draw: fresh held-out x (n, T) of both kinds, fresh training batches B_specific, B_generic (b, T)
-    batches = lambda: (draw(spec.valid, n), draw(gen.valid, n), draw(spec.train, b), draw(gen.train, b))
-    draws = tqdm(range(opts["draws"]), desc="SAR/GAR draws", leave=False, disable=None)
-    ind = [acceleration_indicators(ctx.model.eval(), *batches()) for _ in draws]
+    g, ind = torch.Generator().manual_seed(cfg["seed"] + 1000), []
+    for _ in tqdm(range(opts["draws"]), desc="SAR/GAR draws", leave=False, disable=None):
+        # each draw: fresh held-out x (n, T) of both kinds, fresh training batches B_specific, B_generic
+        # (b, T): x_specific, x_generic, B_specific, B_generic, each of uniform draws of rows
+        x = [e.x[torch.randint(len(e), (k,), generator=g)].to(ctx.device)
+             for e, k in ((spec.valid, n), (gen.valid, n), (spec.train, b), (gen.train, b))]
+        ind.append(acceleration_indicators(ctx.model.eval(), *x))
     res = dict(sar=rate_summary(torch.stack([s.cpu() for s, _ in ind])), theta=origin, theta_steps=steps,
                gar=rate_summary(torch.stack([r.cpu() for _, r in ind])), generic=cfg["generic"] or "builtin",
                specific=cfg["specific"] or "builtin", batch_size=b, draws=len(ind), n_examples_per_draw=n)
@@ -313,6 +318,10 @@ WEIGHTS_OPTIONS = dict(
     seed=(0, "seed of the sample"),
     plot=("", "also draw the shares and the losses into this PNG file (needs matplotlib)"))
 
+def enrichment(share):
+    """A source's share of the examples trained on ÷ its base rate (its share of the generic pool)."""
+    return share["share"] / max(share["base"], 1e-12)
+
 
 def share_tables(records, cfg):
     """Per-source share of trained-on examples at (up to 6) evaluations, against the base rate; and
@@ -320,13 +329,13 @@ def share_tables(records, cfg):
     recs, B = [r for r in records if r.get("source_share")], cfg["big_batch_size"]
     if not recs:
         print("\nno per-source shares in log.jsonl (this method does not select generic examples)")
-    else:
+    else:       # the columns: every evaluation, or 6 spread evenly (the first and the last among them)
         cols = recs if len(recs) <= 6 else [recs[round(i * (len(recs) - 1) / 5)] for i in range(6)]
         final = recs[-1]["source_share"]
-        ratio = lambda s: final[s]["share"] / max(final[s]["base"], 1e-12)     # final share ÷ base rate
         what = "λ (per-source weight)" if cfg["method"] == "scalebio" else "share of the examples trained on"
+        order = sorted(final, key=lambda s: -enrichment(final[s]))          # the most up-weighted first
         rows = [[s, f"{final[s]['base']:.3f}"] + [f"{r['source_share'][s]['share']:.3f}" for r in cols]
-                + [f"{ratio(s):.2f}x"] for s in sorted(final, key=lambda s: -ratio(s))]
+                + [f"{enrichment(final[s]):.2f}x"] for s in order]
         print(f"\n## {what} per source, over pretraining (sorted by final share / base rate)\n"
               + markdown(["source", "base"] + [f"step {r['step']}" for r in cols] + ["final / base"], rows))
     # ESS = (Σ w)² / Σ w² over B_generic^big: |B| for uniform weights, 1 for a one-hot
@@ -344,47 +353,62 @@ def weighter_report(run, cfg, opts):
     try:
         alpha, st = weighter.load_weighter(run, "--run")
     except data.DataError as e:
-        return print(f"\nno text-scoring weighting network to inspect ({str(e).split(': ', 1)[-1]})")
+        print(f"\nno text-scoring weighting network to inspect ({str(e).split(': ', 1)[-1]})")
+        return
     # the run's data and model, as train.py builds them (on this machine's CPU)
     ctx = train.setup({**cfg, "method": "baseline", "device": "cpu", "compile": False})
     ctx.model.load_state_dict(st["model"])
-    g, step = ctx.generic.valid, st["step"]
+    g = ctx.generic.valid
     idx = torch.randperm(len(g), generator=torch.Generator().manual_seed(opts["seed"]))[:opts["n_examples"]]
     x, sources = g.x[idx], [g.sources[i] for i in g.source_id[idx].tolist()]       # (n, T)
     with torch.no_grad():
         loss = torch.cat([ctx.model.eval()(x[i:i + 256]) for i in range(0, len(x), 256)])   # (n,) ℓ(x; θ)
     s = score(alpha, x)                                                                 # (n,) s(x; α)
     print(f"\n## {len(x)} generic valid examples scored by α (score s = log w + const), ℓ by θ at step "
-          f"{step} (pretraining: {cfg['max_steps']} steps)")
+          f"{st['step']} (pretraining: {cfg['max_steps']} steps)")
     order, k = torch.argsort(s, descending=True).tolist(), opts["n_snippets"]
     for title, part in (("highest", order[:k]), ("lowest", order[-k:])):
         print(f"\n{title}-weighted:")
         for i in part:        # the window's text (data.encode made newlines and tabs spaces)
             text = bytes(x[i]).decode(errors="replace")[:80]
             print(f"  s={s[i]:+.3f} ℓ={loss[i]:.2f} {sources[i]:>22s} | {text}")
-    # Spearman's ρ: Pearson's r of the ranks (ties, rare in floats, broken by order)
-    ranks = lambda v: np.argsort(np.argsort(v.numpy(), kind="stable"))
+    weight_vs_loss(s, loss, sources, opts["bins"])
+
+
+def ranks(v):
+    """The ranks of a tensor's values, (n,) (ties, rare in floats, broken by order)."""
+    return np.argsort(np.argsort(v.numpy(), kind="stable"))
+
+
+def weight_vs_loss(s, loss, sources, bins):
+    """How the scores s (n,) go with the losses (n,): Pearson's r and Spearman's ρ (Pearson's r of
+    the ranks), and a table of the loss in quantile bins of s."""
     r, rho = float(np.corrcoef(s, loss)[0, 1]), float(np.corrcoef(ranks(s), ranks(loss))[0, 1])
     print(f"\nweight vs loss: Pearson r = {r:+.3f}, Spearman ρ = {rho:+.3f} (of s(x; α) and ℓ(x; θ))")
-    edges = torch.quantile(s, torch.linspace(0, 1, opts["bins"] + 1))            # (bins + 1,) quantiles of s
-    b = torch.bucketize(s, edges[1:-1], right=True)                              # (n,) the bin of each x
-    top = lambda m: Counter(sources[i] for i in m.nonzero()[:, 0].tolist()).most_common(1)[0][0]
-    rows = [[j + 1, f"{s[m].min():+.3f}..{s[m].max():+.3f}", int(m.sum()), f"{loss[m].mean():.3f}", top(m)]
-            for j in range(opts["bins"]) if (m := b == j).any()]                 # m: (n,) x in bin j
+    edges = torch.quantile(s, torch.linspace(0, 1, bins + 1))            # (bins + 1,) quantiles of s
+    b = torch.bucketize(s, edges[1:-1], right=True)                      # (n,) the bin of each x
+    rows = []
+    for j in range(bins):
+        m = b == j                                                       # (n,) x in bin j
+        if m.any():
+            top = Counter(sources[i] for i in m.nonzero()[:, 0].tolist()).most_common(1)[0][0]
+            s_range = f"{s[m].min():+.3f}..{s[m].max():+.3f}"
+            rows.append([j + 1, s_range, int(m.sum()), f"{loss[m].mean():.3f}", top])
     print(markdown(["score bin", "s range", "n", "mean ℓ", "top source"], rows))
 
 
 def plot(path, panels):
     """A PNG of side-by-side panels over the steps of runs' evaluations, each (title, y label,
-    {label: (records, value of a record)}, a dashed level or None)."""
+    {label: (steps, values)}, a dashed level or None)."""
     import matplotlib.pyplot as plt     # figures are only saved: any backend, no display needed
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (title, ylabel, curves, level) in zip(axes[0], panels):
-        for label, (records, value) in curves.items():
-            ax.plot([r["step"] for r in records], [value(r) for r in records], label=label)
+        for label, (steps, values) in curves.items():
+            ax.plot(steps, values, label=label)
         if level is not None:
             ax.axhline(level, color="gray", linestyle="--", label=f"target {level:.3f}")
-        ax.set(xlabel="step", ylabel=ylabel, title=title), ax.legend(fontsize=7)
+        ax.set(xlabel="step", ylabel=ylabel, title=title)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     save(path, lambda p: fig.savefig(p, dpi=120, format="png"))
     plt.close(fig)
@@ -396,11 +420,12 @@ def plot_run(records, path):
     losses, over the evaluations of the run."""
     recs = [r for r in records if r.get("source_share")]
     final = recs[-1]["source_share"] if recs else {}
-    top = sorted(final, key=lambda s: -final[s]["share"] / max(final[s]["base"], 1e-12))[:8]
-    plot(path, [("top sources, by share / base", "share of the examples trained on",
-                 {s: (recs, lambda r, s=s: r["source_share"][s]["share"]) for s in top}, None),
-                ("losses", "nats / byte", {k: (records, lambda r, k=k: r[k])
-                                           for k in ("specific_valid_loss", "generic_valid_loss")}, None)])
+    top = sorted(final, key=lambda s: -enrichment(final[s]))[:8]
+    steps, all_steps = [r["step"] for r in recs], [r["step"] for r in records]
+    shares = {s: (steps, [r["source_share"][s]["share"] for r in recs]) for s in top}
+    losses = {k: (all_steps, [r[k] for r in records]) for k in ("specific_valid_loss", "generic_valid_loss")}
+    plot(path, [("top sources, by share / base", "share of the examples trained on", shares, None),
+                ("losses", "nats / byte", losses, None)])
 
 
 def cmd_weights(opts, _):
@@ -473,6 +498,7 @@ def score_documents(alpha, docs, seq_len, doc_score, n):
     """(index, source, s) of every (index, document) of docs, n documents scored at a time; a
     document's s is the mean of s(x; α) over its first window or over all its windows."""
     docs, how = iter(docs), "first" if doc_score == "first" else "chunk"
+    # the next n documents, each with its windows (n_i, seq_len), until there are none
     while todo := [(i, src, doc_windows(b, seq_len, how)) for i, (b, src, *_) in itertools.islice(docs, n)]:
         s = score(alpha, torch.cat([w for *_, w in todo])).split([len(w) for *_, w in todo])  # [(n_i,)]
         yield from ((i, src, c.mean().item()) for (i, src, _), c in zip(todo, s))
@@ -492,6 +518,34 @@ def check_select(opts):
     need(os.path.isdir(os.path.dirname(out)), f"--output: {opts['output']}: no such directory")
 
 
+def progress(docs, what):
+    """A tqdm bar over documents (shown on a terminal only)."""
+    return tqdm(docs, desc=what, unit="doc", leave=False, disable=None)
+
+
+def numbered_documents(spec, chosen, n_max):
+    """(index, document) of the documents read, in reading order: those whose index is in the set
+    `chosen`, or (chosen None) the first n_max of the corpus (0: all)."""
+    docs = enumerate(documents(spec))
+    if chosen is not None:
+        docs = ((i, d) for i, d in docs if i in chosen)
+    return itertools.islice(docs, n_max or None)
+
+
+def selection_report(opts, keep, per_source, n_docs):
+    """Every input source's share of the selected documents against its share of the input, the most
+    enriched first (the top 20 and bottom 5 of many)."""
+    how = {"first": "first window", "mean": "windows' mean"}[opts["doc_score"]]
+    print(f"selected {len(keep)} of {n_docs} documents (mode {opts['mode']}; a document's score: s(x; α) of "
+          f"its {how}) -> {opts['output']}")
+    picked = Counter(src for _, src in keep.values())
+    share = {src: (picked[src] / max(len(keep), 1), n / n_docs) for src, n in per_source.items()}
+    rows = [[src, picked[src], f"{sel:.3f}", f"{inp:.3f}", f"{sel / inp:.2f}x"]
+            for src, (sel, inp) in sorted(share.items(), key=lambda kv: (-kv[1][0] / kv[1][1], kv[0]))]
+    print(markdown(["source", "selected", "share of selected", "share of input", "ratio"],
+                   rows if len(rows) <= 30 else rows[:20] + [["…", "", "", "", ""]] + rows[-5:]))
+
+
 def cmd_select(opts, _):
     """score a corpus with a run's α and write the k best documents (or a draw of k)
 
@@ -501,40 +555,33 @@ def cmd_select(opts, _):
     check_select(opts)
     alpha, st = weighter.load_weighter(opts["run"], flag="--run")
     # α's windows: seq_len bytes, as the run it comes from trained it
-    seq_len, n_max, chosen = st.get("config", {}).get("seq_len", train.seq_len), opts["max_docs"], None
-    bar = lambda it, what: tqdm(it, desc=what, unit="doc", leave=False, disable=None)
+    seq_len = st.get("config", {}).get("seq_len", train_defaults()["seq_len"])
+    n_max, chosen = opts["max_docs"], None
     if n_max and not opts["first_docs"]:   # pass 0 counts the N documents: n_max of them, drawn uniformly
-        n = sum(1 for _ in bar(documents(opts["input"]), "counting"))
+        n = sum(1 for _ in progress(documents(opts["input"]), "counting"))
         chosen = set(random.Random(opts["seed"]).sample(range(n), min(n, n_max)))     # O(n_max) memory
-    # (index, document) of the documents read, in reading order: the chosen ones or the first n_max
-    docs = lambda: itertools.islice(((i, d) for i, d in enumerate(documents(opts["input"]))
-                                     if chosen is None or i in chosen), n_max or None)
-    n_docs = len(chosen) if chosen is not None else sum(1 for _ in bar(docs(), "counting"))
+        n_docs = len(chosen)
+    else:                                  # the first n_max documents (0: all), counted
+        n_docs = sum(1 for _ in progress(numbered_documents(opts["input"], None, n_max), "counting"))
+    # pass 1: every document scored, the k with the largest keys kept (TopK)
     top, per_source = TopK(opts["sample"] or math.ceil(opts["fraction"] * n_docs)), Counter()
-    gen = torch.Generator().manual_seed(opts["seed"])
-    for i, src, s in bar(score_documents(alpha, docs(), seq_len, opts["doc_score"], opts["batch"]), "score"):
+    gen, docs = torch.Generator().manual_seed(opts["seed"]), numbered_documents(opts["input"], chosen, n_max)
+    scored = score_documents(alpha, docs, seq_len, opts["doc_score"], opts["batch"])
+    for i, src, s in progress(scored, "score"):
         per_source[src] += 1
-        # mode=sample: key = s + G, G = −log(−log U), U ~ Uniform(0, 1), a Gumbel draw
-        u = torch.rand((), generator=gen).clamp(1e-20, 1.0).item() if opts["mode"] == "sample" else None
-        top.push(s if u is None else s - math.log(-math.log(u)), i, (s, src))
+        key = s
+        if opts["mode"] == "sample":    # key = s + G, G = −log(−log U), U ~ Uniform(0, 1), a Gumbel draw
+            key = s - math.log(-math.log(torch.rand((), generator=gen).clamp(1e-20, 1.0).item()))
+        top.push(key, i, (s, src))
     keep, opener = top.kept(), gzip.open if opts["output"].endswith(".gz") else open
 
     def write(tmp):           # pass 2: the kept documents, in reading order, as JSON lines
         with opener(tmp, "wt", encoding="utf-8") as f:
-            for i, (_, src, _, text) in docs():
+            for i, (_, src, _, text) in numbered_documents(opts["input"], chosen, n_max):
                 if i in keep:
                     f.write(json.dumps({"text": text, "source": src, "score": keep[i][0]}) + "\n")
     save(opts["output"], write)
-    # every input source's share of the selected documents against its share of the input, the
-    # most enriched first (the top 20 and bottom 5 of many)
-    picked, how = Counter(src for _, src in keep.values()), {"first": "first window", "mean": "windows' mean"}
-    print(f"selected {len(keep)} of {n_docs} documents (mode {opts['mode']}; a document's score: s(x; α) of "
-          f"its {how[opts['doc_score']]}) -> {opts['output']}")
-    share = {src: (picked[src] / max(len(keep), 1), n / n_docs) for src, n in per_source.items()}
-    rows = [[src, picked[src], f"{sel:.3f}", f"{inp:.3f}", f"{sel / inp:.2f}x"]
-            for src, (sel, inp) in sorted(share.items(), key=lambda kv: (-kv[1][0] / kv[1][1], kv[0]))]
-    print(markdown(["source", "selected", "share of selected", "share of input", "ratio"],
-                   rows if len(rows) <= 30 else rows[:20] + [["…"] + [""] * 4] + rows[-5:]))
+    selection_report(opts, keep, per_source, n_docs)
     return 0
 
 
@@ -555,14 +602,19 @@ COMPARE_OPTIONS = dict(
     out=("", "also write the table here (markdown), its numbers (.json), the curves (.png, with matplotlib)"))
 
 
+def pretrain_records(records):
+    """The evaluations of pretraining, without those of fine-tuning."""
+    return [r for r in records if r.get("phase", "pretrain") == "pretrain"]
+
+
 def time_to_target(records, target, key="specific_valid_loss", interpolate=True):
     """(steps, train seconds) at which the pretraining curve first reaches loss <= target, or
     (None, None). Between the last evaluation above the target and the first at or below it, the
     curve is taken as linear in steps and in elapsed_s (interpolate=True); else the first
     evaluation at or below the target. Before the first evaluation nothing is known: a curve
     already below the target there is credited with that first evaluation's step and time."""
-    prev, pre = None, [r for r in records if r.get("phase", "pretrain") == "pretrain"]
-    for r in sorted(pre, key=lambda r: r["step"]):
+    prev = None
+    for r in sorted(pretrain_records(records), key=lambda r: r["step"]):
         if r[key] <= target:
             if prev is None or not interpolate:
                 return float(r["step"]), float(r["elapsed_s"])
@@ -576,13 +628,52 @@ def time_to_target(records, target, key="specific_valid_loss", interpolate=True)
 def run_info(run):
     """A run's records, config and final pretraining numbers: from summary.json when it exists,
     else from its last pretraining evaluation (a run still going)."""
-    (records, cfg), summ = read_run(run), read_json(os.path.join(run, "summary.json")) or {}
-    last = ([r for r in records if r.get("phase", "pretrain") == "pretrain"] or [{}])[-1]
-    get = lambda k: summ.get(k, last.get(k))
-    return dict(records=records, method=cfg["method"], last_pretrain=last, steps=get("steps") or get("step"),
-                specific_set=(cfg["specific"], cfg["specific_train_docs"]), ms_per_step=get("ms_per_step"),
-                **{k: get(k) for k in ("specific_valid_loss", "specific_test_loss", "generic_valid_loss")},
+    records, cfg = read_run(run)
+    summ = read_json(os.path.join(run, "summary.json")) or {}
+    last = (pretrain_records(records) or [{}])[-1]
+    final = {**last, **summ}           # summary.json's numbers, where it has them
+    losses = ("specific_valid_loss", "specific_test_loss", "generic_valid_loss")
+    return dict(records=records, method=cfg["method"], last_pretrain=last,
+                steps=final.get("steps") or final.get("step"),
+                specific_set=(cfg["specific"], cfg["specific_train_docs"]),
+                ms_per_step=final.get("ms_per_step"), **{k: final.get(k) for k in losses},
                 finetuned=summ.get("specific_test_loss_finetuned"))
+
+
+def compare_rows(info, reach, base):
+    """Each run's numbers and its table row: final losses, steps and seconds to the target, speedups."""
+    numbers, rows = {}, []
+    base_steps, base_s = reach[base]
+    for run, r in info.items():
+        steps, secs = reach[run]
+        # speedup = (the baseline's steps, or seconds, to the target) / (this run's)
+        speedup = [b / a if a and b else None for a, b in ((steps, base_steps), (secs, base_s))]
+        numbers[run] = {**{k: v for k, v in r.items() if k not in ("records", "last_pretrain")},
+                        "steps_to_target": steps, "seconds_to_target": secs,
+                        "speedup_steps": speedup[0], "speedup_time": speedup[1]}
+        losses = [fmt(r[k]) for k in ("specific_valid_loss", "specific_test_loss", "finetuned")]
+        reached = [fmt(steps, ".0f", "not reached"), fmt(secs, ".1f", "not reached")]
+        rows.append([run + " (baseline)" if run == base else run, r["method"], fmt(r["steps"], "d"), *losses,
+                     fmt(r["ms_per_step"], ".1f"), *reached]
+                    + [f"{v:.2f}x" if v else "—" for v in speedup])
+    return numbers, rows
+
+
+def write_comparison(out, text, numbers, info):
+    """The table (markdown) to out, its numbers to OUT.json, and with matplotlib the pretraining
+    curves and the target to OUT.png: Figure 1 as a picture, next to the table."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    stem = os.path.splitext(out)[0]
+    save(out, text + "\n")
+    save(stem + ".json", numbers)
+    if not importlib.util.find_spec("matplotlib"):
+        return
+    key, curves = numbers["metric"], {}
+    for run, r in info.items():
+        pre = pretrain_records(r["records"])
+        label = f"{r['method']}: {os.path.basename(os.path.normpath(run))}"
+        curves[label] = ([x["step"] for x in pre], [x[key] for x in pre])
+    plot(stem + ".png", [("pretraining; target: the baseline's final", key, curves, numbers["target"])])
 
 
 def cmd_compare(opts, _):
@@ -590,8 +681,10 @@ def cmd_compare(opts, _):
 
     Every run of --runs must have been trained on the baseline's specific set. Prints the final
     losses of each run, when it reached the target, and its speedup in steps and in seconds."""
-    need(runs := [r for r in opts["runs"].split(",") if r], "--runs: give run directories, comma-separated")
-    info = {run: run_info(run) for run in dict.fromkeys(runs + [opts["baseline"]] * bool(opts["baseline"]))}
+    runs = [r for r in opts["runs"].split(",") if r]
+    need(runs, "--runs: give run directories, comma-separated")
+    named = runs + [opts["baseline"]] if opts["baseline"] else runs      # each read once
+    info = {run: run_info(run) for run in dict.fromkeys(named)}
     base = opts["baseline"] or next((r for r in runs if info[r]["method"] == "baseline"), None)
     need(base, "--baseline: no run of --runs has method baseline; name one with --baseline=RUN")
     for run, r in info.items():      # (specific, specific_train_docs) of each run against the baseline's
@@ -600,18 +693,7 @@ def cmd_compare(opts, _):
     key, target = opts["metric"], opts["target"] or info[base]["last_pretrain"].get(opts["metric"])
     need(target is not None, f"{base}: no pretraining evaluation to take a target from; give --target")
     reach = {run: time_to_target(r["records"], target, key, opts["interpolate"]) for run, r in info.items()}
-    out, rows = {"target": target, "metric": key, "baseline": base, "runs": {}}, []
-    for run, r in info.items():
-        (steps, secs), (base_steps, base_s) = reach[run], reach[base]
-        # speedup = (the baseline's steps, or seconds, to the target) / (this run's)
-        speedup = [b / a if a and b else None for a, b in ((steps, base_steps), (secs, base_s))]
-        out["runs"][run] = {**{k: v for k, v in r.items() if k not in ("records", "last_pretrain")},
-                            "steps_to_target": steps, "seconds_to_target": secs,
-                            "speedup_steps": speedup[0], "speedup_time": speedup[1]}
-        rows.append([run + " (baseline)" * (run == base), r["method"], fmt(r["steps"], "d")]
-                    + [fmt(r[k]) for k in ("specific_valid_loss", "specific_test_loss", "finetuned")]
-                    + [fmt(r["ms_per_step"], ".1f"), fmt(steps, ".0f", "not reached"),
-                       fmt(secs, ".1f", "not reached")] + [fmt(v, ".2f") + "x" * bool(v) for v in speedup])
+    numbers, rows = compare_rows(info, reach, base)
     how = "interpolated between evaluations" if opts["interpolate"] else "first evaluation at or below"
     header = ["run", "method", "steps", "specific valid", "specific test", "+ fine-tune test", "ms/step",
               f"steps to {target:.3f}", f"train s to {target:.3f}", "speedup (steps)", "speedup (time)"]
@@ -620,14 +702,8 @@ def cmd_compare(opts, _):
             f"the baseline.\n\n" + markdown(header, rows))
     print(text)
     if opts["out"]:
-        os.makedirs(os.path.dirname(os.path.abspath(opts["out"])), exist_ok=True)
-        save(opts["out"], text + "\n")
-        save(os.path.splitext(opts["out"])[0] + ".json", out)
-    if opts["out"] and importlib.util.find_spec("matplotlib"):    # Figure 1 as a picture, next to the table
-        pre = lambda r: [x for x in r["records"] if x.get("phase", "pretrain") == "pretrain"]
-        plot(os.path.splitext(opts["out"])[0] + ".png", [("pretraining; target: the baseline's final", key,
-             {f"{r['method']}: {os.path.basename(os.path.normpath(run))}": (pre(r), lambda x: x[key])
-              for run, r in info.items()}, target)])
+        numbers = {"target": target, "metric": key, "baseline": base, "runs": numbers}
+        write_comparison(opts["out"], text, numbers, info)
     return 0
 
 
@@ -657,7 +733,6 @@ def train_cmd(train_argv, run_dir, fresh=False):
     return [sys.executable, os.path.join(HERE, "train.py")] + train_argv + [
         f"--out_dir={run_dir}", "--resume=True" if resume else "--overwrite=True"]
 
-
 def run_all(todo, jobs):
     """Run [(label, train.py command, run_dir)] as subprocesses, `jobs` at a time → {label: status}.
 
@@ -668,22 +743,25 @@ def run_all(todo, jobs):
     run starts, and rerunning the command continues where they stopped."""
     env = None if jobs == 1 else dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // jobs)))
     status, running, queue, t0 = {}, {}, list(todo), time.time()
-    log = lambda what: print(f"[{time.time() - t0:6.0f}s] {what}", flush=True)
+
+    def log(what):
+        print(f"[{time.time() - t0:6.0f}s] {what}", flush=True)
     while queue or running:
         try:
             while queue and len(running) < jobs:
                 label, cmd, run_dir = queue.pop(0)
                 os.makedirs(run_dir, exist_ok=True)
                 out = None if jobs == 1 else open(os.path.join(run_dir, "train.out"), "a")
-                proc = subprocess.Popen(cmd, stdout=out, stderr=out and subprocess.STDOUT, env=env)
-                running[label] = proc, out
+                stderr = None if out is None else subprocess.STDOUT
+                running[label] = subprocess.Popen(cmd, stdout=out, stderr=stderr, env=env), out
                 log(f"start {label}: " + " ".join(cmd[1:]))
             time.sleep(0.2)
             for label, (proc, out) in list(running.items()):
                 if proc.poll() is not None:
                     status[label] = proc.returncode
                     del running[label]
-                    out and out.close()
+                    if out is not None:
+                        out.close()
                     log(f"end   {label}: status {proc.returncode}")
         except KeyboardInterrupt:    # no new run; the running ones checkpoint and exit
             queue.clear()
@@ -695,32 +773,37 @@ def run_all(todo, jobs):
 def mean_std(values):
     """(mean, sample std or None with one value) of the non-missing values, or (None, None)."""
     v = [x for x in values if x is not None]
-    return (None, None) if not v else (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else None)
+    if not v:
+        return None, None
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else None
 
 
 def pm(m, s):
     """mean ± std in a table cell (the mean alone with one seed, — with none)."""
-    return "—" if m is None else f"{m:.3f}" + (f" ± {s:.3f}" if s is not None else "")
+    if m is None:
+        return "—"
+    return f"{m:.3f}" if s is None else f"{m:.3f} ± {s:.3f}"
 
 
 def assemble(out_dir, methods):
-    """Group DIR/METHOD_sSEED/summary.json by method → (rows of Table 2, {method: numbers})."""
+    """Group OUT_DIR/METHOD_sSEED/summary.json by method → {method: its numbers over the seeds}: the
+    methods asked for, in order, then any other found there."""
     summaries = {}
     for name in sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []:
         method, _, seed = name.rpartition("_s")
         summ = read_json(os.path.join(out_dir, name, "summary.json"))
         if summ is not None and method and seed.isdigit():
             summaries.setdefault(summ.get("method", method), []).append((int(seed), summ))
-    rows, res = [], {}
+    res = {}
     for m in methods + sorted(m for m in summaries if m not in methods):
         runs = sorted(summaries.get(m, []), key=lambda t: t[0])
-        keys = ("specific_test_loss", "specific_test_loss_finetuned", "ms_per_step")
-        pre_v, ft_v, ms_v = ([s.get(k) for _, s in runs] for k in keys)
-        (name, p_pre, p_ft), pre, ft, ms = TABLE2.get(m, (m, None, None)), *map(mean_std, (pre_v, ft_v, ms_v))
-        res[m] = dict(name=name, seeds=[sd for sd, _ in runs], pretrain=pre, finetune=ft, ms_per_step=ms,
+        pre_v = [s.get("specific_test_loss") for _, s in runs]
+        ft_v = [s.get("specific_test_loss_finetuned") for _, s in runs]
+        name, p_pre, p_ft = TABLE2.get(m, (m, None, None))
+        res[m] = dict(name=name, seeds=[sd for sd, _ in runs], pretrain=mean_std(pre_v),
+                      finetune=mean_std(ft_v), ms_per_step=mean_std([s.get("ms_per_step") for _, s in runs]),
                       pretrain_values=pre_v, finetune_values=ft_v, paper=dict(pretrain=p_pre, finetune=p_ft))
-        rows.append([name, pm(*pre), pm(*ft), fmt(ms[0], ".1f"), len(runs), fmt(p_pre), fmt(p_ft)])
-    return rows, res
+    return res
 
 
 def specific_sets(opts, train_argv):
@@ -735,6 +818,54 @@ def specific_sets(opts, train_argv):
     return [(name, os.path.join(opts["out_dir"], name), [f"--specific={f}"]) for name, f in sets.items()]
 
 
+def plan_runs(methods, seeds, sets, train_argv):
+    """The runs still to do, [(label, train.py command, run_dir)], and notes on the methods skipped.
+    A run whose summary.json exists is kept; an unfinished one continues from its checkpoint."""
+    notes = [f"{m}: not a train.py method (see train.py --help); skipped" for m in methods
+             if m not in train.METHODS]
+    todo = []
+    for name, out_dir, extra in sets:
+        train.parse_args(train_argv + extra, train_defaults())        # bad settings fail now, not per run
+        for m, s in itertools.product([m for m in methods if m in train.METHODS], seeds):
+            label, run_dir = f"{name} {m} seed {s}".strip(), os.path.join(out_dir, f"{m}_s{s}")
+            if os.path.exists(os.path.join(run_dir, "summary.json")):
+                print(f"{label}: {run_dir}/summary.json exists, kept", flush=True)
+            else:
+                argv = train_argv + extra + [f"--method={m}", f"--seed={s}"]
+                todo.append((label, train_cmd(argv, run_dir), run_dir))
+    return todo, notes
+
+
+def run_notes(status):
+    """A note for every run that did not finish: {label: train.py's exit status} → [note]."""
+    notes = []
+    for label, rc in status.items():
+        if rc in (130, 143):    # stopped by a signal: train.py checkpointed, and a rerun continues it
+            notes.append(f"interrupted during {label}; rerun the same command to continue")
+        elif rc != 0:
+            notes.append(f"{label}: train.py exited with status {rc}")
+    return notes
+
+
+def table2(res):
+    """Table 2 from assemble's numbers: a row per method → (caption, header, rows)."""
+    header = ["Method", "Pre-train", "Fine-tune", "ms/step", "seeds", "paper Pre-train", "paper Fine-tune"]
+    rows = [[r["name"], pm(*r["pretrain"]), pm(*r["finetune"]), fmt(r["ms_per_step"][0], ".1f"),
+             len(r["seeds"]), fmt(r["paper"]["pretrain"]), fmt(r["paper"]["finetune"])] for r in res.values()]
+    return "; paper: Table 2 (C4 → Reuters, 9.5M parameters, 300k steps)", header, rows
+
+
+def table3(results):
+    """Table 3 from {set: assemble's numbers}: a column per set; per method a pre-train row and a
+    "+ ft." row → (caption, header, rows)."""
+    rows = []
+    for m in dict.fromkeys(m for res in results.values() for m in res):      # each method once, in order
+        for key in ("pretrain", "finetune"):
+            label = TABLE2.get(m, (m,))[0] if key == "pretrain" else "+ ft."
+            rows.append([label] + [pm(*res[m][key]) if m in res else "—" for res in results.values()])
+    return ", a column per set; paper: Table 3 (C4 → 9 Pile domains)", ["Method", *results], rows
+
+
 def cmd_table(opts, train_argv):
     """run every method × seed (× specific set) by train.py and assemble Table 2 (or Table 3)
 
@@ -745,37 +876,20 @@ def cmd_table(opts, train_argv):
     need(all(a.split("=")[0] not in ("--method", "--seed", "--resume", "--out_dir") for a in train_argv),
          "--method, --seed, --resume, --out_dir: `table` sets them itself (see --methods, --seeds)")
     need(re.fullmatch(r"\d+(,\d+)*", opts["seeds"]), "--seeds: expected integers, comma-separated")
-    methods, seeds = [m for m in opts["methods"].split(",") if m] or list(TABLE2), opts["seeds"].split(",")
-    sets, notes, status, todo = specific_sets(opts, train_argv), [], {}, []
+    methods = [m for m in opts["methods"].split(",") if m] or list(TABLE2)
+    sets, notes, status = specific_sets(opts, train_argv), [], {}
     if not opts["assemble_only"]:
         need(opts["jobs"] >= 1, f"--jobs: must be at least 1, got {opts['jobs']}")
-        notes = [f"{m}: not a train.py method (see train.py --help); skipped" for m in methods
-                 if m not in train.METHODS]
-        for name, out_dir, extra in sets:
-            train.parse_args(train_argv + extra, train_defaults())        # bad settings fail now, not per run
-            for m, s in itertools.product([m for m in methods if m in train.METHODS], seeds):
-                label, run_dir, argv = f"{name} {m} seed {s}".strip(), os.path.join(out_dir, f"{m}_s{s}"), \
-                    train_argv + extra + [f"--method={m}", f"--seed={s}"]
-                if os.path.exists(os.path.join(run_dir, "summary.json")):
-                    print(f"{label}: {run_dir}/summary.json exists, kept", flush=True)
-                else:
-                    todo.append((label, train_cmd(argv, run_dir), run_dir))
+        todo, notes = plan_runs(methods, opts["seeds"].split(","), sets, train_argv)
         status = run_all(todo, opts["jobs"])
-        # stopped by a signal (130, 143): train.py checkpointed, and a rerun continues it
-        notes += [f"interrupted during {label}; rerun the same command to continue" if rc in (130, 143) else
-                  f"{label}: train.py exited with status {rc}" for label, rc in status.items() if rc != 0]
-    results = {name: assemble(out_dir, methods) for name, out_dir, _ in sets}     # {set: (rows, numbers)}
-    if opts["specifics"]:      # Table 3: a column a set; per method a pre-train row and a "+ ft." row
-        what, header = ", a column per set; paper: Table 3 (C4 → 9 Pile domains)", ["Method", *results]
-        rows = [[TABLE2.get(m, (m,))[0] if key == "pretrain" else "+ ft."]
-                + [pm(*res[m][key]) if m in res else "—" for _, res in results.values()]
-                for m in dict.fromkeys(m for _, res in results.values() for m in res) for key in ("pretrain",
-                                                                                                 "finetune")]
-        numbers = {"sets": {name: res for name, (_, res) in results.items()}}
+        notes += run_notes(status)
+    results = {name: assemble(out_dir, methods) for name, out_dir, _ in sets}     # {set: {method: numbers}}
+    if opts["specifics"]:
+        what, header, rows = table3(results)
+        numbers = {"sets": results}
     else:
-        what, (rows, res) = "; paper: Table 2 (C4 → Reuters, 9.5M parameters, 300k steps)", results[""]
-        header, numbers = ["Method", "Pre-train", "Fine-tune", "ms/step", "seeds", "paper Pre-train",
-                           "paper Fine-tune"], {"methods": res}
+        what, header, rows = table2(results[""])
+        numbers = {"methods": results[""]}
     text = (f"Specific test loss (nats/byte), mean ± std over seeds{what}. Compare the ranking, not the "
             f"values.\n\n" + markdown(header, rows) + "".join(f"\n- {n}" for n in dict.fromkeys(notes)))
     print(text)
@@ -837,28 +951,34 @@ def is_cuda(device):
     return torch.device(device).type == "cuda"
 
 
+
+def sync(device):
+    """Wait for the GPU's queued work before reading the clock (nothing to wait for on a CPU)."""
+    if is_cuda(device):
+        torch.cuda.synchronize(device)
+
+
 def ms_per_call(fn, n, device, warmup=1):
     """Wall-clock ms of fn(), averaged over n calls after `warmup` untimed ones (CUDA synchronised)."""
-    sync = torch.cuda.synchronize if is_cuda(device) else (lambda: None)
     for _ in range(warmup):
         fn()
-    sync()
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(n):
         fn()
-    sync()
+    sync(device)
     return (time.perf_counter() - t0) / n * 1000
 
 
-def step_peak_mb(ctx, method, first):
+def step_peak_mb(ctx, first):
     """Peak memory of `outer_every` consecutive steps from step `first` (a multiple of outer_every,
     so the outer update is among them), above what was allocated before them, MB."""
-    steps = lambda: run_steps(ctx, method, first, ctx.cfg["outer_every"])
+    k = ctx.cfg["outer_every"]
     if not is_cuda(ctx.device):
-        return cpu_peak_mb(steps)
+        return cpu_peak_mb(lambda: run_steps(ctx, first, k))
     before = torch.cuda.memory_allocated(ctx.device)    # the allocator's counts: kept on the host, no sync
     torch.cuda.reset_peak_memory_stats(ctx.device)
-    steps()
+    run_steps(ctx, first, k)
     return (torch.cuda.max_memory_allocated(ctx.device) - before) / 2**20
 
 
@@ -872,50 +992,71 @@ def device_name(device):
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 
+def time_rounds(ctxs, first, n, rounds, x_B):
+    """ms per step of each method, in each round ({method: [ms]}), and the ms of scoring x_B with
+    the α of each method that has a text-scoring one ({method: [ms]})."""
+    dev = ctxs["baseline"].device
+    ms = {m: [] for m in ctxs}
+    score_ms = {m: [] for m, c in ctxs.items() if isinstance(c.weighter, Weighter)}     # α scores text
+    # each round times n steps of every method in turn: a slow spell of the machine hits one round
+    # of every method rather than all of one method; the median over rounds is reported
+    for r in range(rounds):
+        for m, ctx in ctxs.items():
+            ms[m].append(ms_per_call(lambda: run_steps(ctx, first + r * n, n), 1, dev, warmup=0) / n)
+            if m in score_ms:        # s(x; α) over B_generic^big, without a graph
+                score_ms[m].append(ms_per_call(lambda: score(ctx.weighter, x_B), n, dev))
+    return ms, score_ms
+
+
+def bench_result(ctx, ms, ms_base, score_ms, first, peak, n_params):
+    """One method's numbers from its ms per step in each round (ms; ms_base: the baseline's), its
+    scoring ms (None: no α), the step from which to measure its memory, and the GPU's peak TFLOP/s."""
+    t, t_base = float(np.median(ms)), float(np.median(ms_base))
+    s = None if score_ms is None else float(np.median(score_ms))
+    bytes_per_step = ctx.cfg["batch_size"] * ctx.cfg["seq_len"]           # b · T bytes trained on per step
+    return dict(ms_per_step=t, ms_per_step_rounds=ms, ratio=t / t_base,
+                # the ratio within each round (one spell of the machine): how far to trust "ratio"
+                ratio_rounds=[a / b for a, b in zip(ms, ms_base)], step_memory_mb=step_peak_mb(ctx, first),
+                trained_bytes_per_s=bytes_per_step / (t / 1000), score_ms=s,
+                score_fraction=None if s is None else s / t_base,
+                # MFU ≈ 6 · n_params · b · T / (t / 1000) / (peak · 10¹²), t in ms and peak in TFLOP/s
+                mfu=None if peak is None else 6 * n_params * bytes_per_step / t / peak / 1e9)
+
+
 def bench(train_argv, methods, steps, warmup, rounds):
     """Time `methods` side by side in this process → ({method: numbers}, {the facts of the timing})."""
-    # CDS: time its selecting steps; its uniform phase (i) is the first step only
-    ctxs = {m: train.setup(train.parse_args(train_argv + [f"--method={m}"] + ["--cds_pretrain_steps=1"] * (
-        m == "cds"), train_defaults())) for m in methods}
+    ctxs = {}                      # every method with its own model, data and optimiser
+    for m in methods:
+        argv = train_argv + [f"--method={m}"]
+        if m == "cds":     # CDS: time its selecting steps; its uniform phase (i) is the first step only
+            argv.append("--cds_pretrain_steps=1")
+        ctxs[m] = train.setup(train.parse_args(argv, train_defaults()))
     base = ctxs["baseline"]
     cfg, dev, k, name = base.cfg, base.device, base.cfg["outer_every"], device_name(base.device)
     warm, n = k * math.ceil(warmup / k), k * math.ceil(steps / k)       # whole cycles of k steps
-    for m in methods:
-        run_steps(ctxs[m], m, 0, warm)
-    # each round times n steps of every method in turn: a slow spell of the machine hits one round
-    # of every method rather than all of one method; the median over rounds is reported
-    ms = {m: [] for m in methods}
-    score_ms = {m: [] for m, c in ctxs.items() if isinstance(c.weighter, Weighter)}     # α scores text
+    for ctx in ctxs.values():
+        run_steps(ctx, 0, warm)
     g = base.generic.train.x                      # B_generic^big: |B| uniform draws, as training makes them
     x_B = g[torch.randint(len(g), (cfg["big_batch_size"],))].to(dev)            # (|B|, T)
-    for r, m in itertools.product(range(rounds), methods):
-        ms[m].append(ms_per_call(lambda: run_steps(ctxs[m], m, warm + r * n, n), 1, dev, warmup=0) / n)
-        if m in score_ms:        # s(x; α) over B_generic^big, without a graph
-            score_ms[m].append(ms_per_call(lambda: score(ctxs[m].weighter, x_B), n, dev))
-    n_params, t_base = sum(p.numel() for p in base.model.parameters()), float(np.median(ms["baseline"]))
+    ms, score_ms = time_rounds(ctxs, warm, n, rounds, x_B)
+    n_params = sum(p.numel() for p in base.model.parameters())
     peak = next((tf for key, tf in PEAK_BF16_TFLOPS if key in name), None) if is_cuda(dev) else None
     res = {}
-    for m in methods:
-        t, s = float(np.median(ms[m])), float(np.median(score_ms[m])) if m in score_ms else None
-        res[m] = dict(ms_per_step=t, ms_per_step_rounds=ms[m], ratio=t / t_base,
-                      # the ratio within each round (one spell of the machine): how far to trust "ratio"
-                      ratio_rounds=[a / b for a, b in zip(ms[m], ms["baseline"])],
-                      step_memory_mb=step_peak_mb(ctxs[m], m, warm + rounds * n),
-                      # b · T bytes trained on per step, over the step time
-                      trained_bytes_per_s=cfg["batch_size"] * cfg["seq_len"] / (t / 1000),
-                      score_ms=s, score_fraction=None if s is None else s / t_base,
-                      # MFU ≈ 6 · n_params · b · T / (t / 1000) / (peak · 10¹²), t in ms and peak in TFLOP/s
-                      mfu=peak and 6 * n_params * cfg["batch_size"] * cfg["seq_len"] / t / peak / 1e9)
+    for m, ctx in ctxs.items():
+        res[m] = bench_result(ctx, ms[m], ms["baseline"], score_ms.get(m), warm + rounds * n, peak, n_params)
     rows = [[m, f"{r['ms_per_step']:.1f}", f"{r['ratio']:.2f}x", f"{r['step_memory_mb']:.1f}",
              fmt(r["score_fraction"], ".2f"), f"{r['trained_bytes_per_s'] / 1e3:.1f}", fmt(r["mfu"], ".1%")]
             for m, r in res.items()]
+    header = ["method", "ms/step", "vs baseline", "peak MB", "scoring B / baseline step", "trained kB/s",
+              "MFU"]
     print(f"{name}: the median over {rounds} rounds of {n} steps (the methods in turn), after {warm} warm-up "
           f"steps; peak MB: allocated during one cycle of outer_every steps, above what was allocated "
-          f"before.\n\n" + markdown(["method", "ms/step", "vs baseline", "peak MB", "scoring B / baseline "
-                                     "step", "trained kB/s", "MFU"], rows))
+          f"before.\n\n" + markdown(header, rows))
     # this process's peak memory: allocated GPU memory on CUDA, the resident set size on a CPU (kB)
-    process_mb = (torch.cuda.max_memory_allocated(dev) / 2**20 if is_cuda(dev) else
-                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if is_cuda(dev):
+        process_mb = torch.cuda.max_memory_allocated(dev) / 2**20
+    else:
+        process_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return res, dict(device=name, device_type=torch.device(dev).type, peak_bf16_tflops=peak, cfg=cfg,
                      n_params=n_params, process_peak_memory_mb=process_mb)
 
@@ -956,16 +1097,18 @@ GPUCHECK_OPTIONS = dict(
 
 def run_tests(path):
     """(1): pytest on one file in a subprocess → {file, present, exit_status, passed, failed, ...}."""
-    present = bool(path) and os.path.isfile(os.path.join(HERE, path))
-    counts = dict.fromkeys(("passed", "failed", "skipped", "errors"), 0 if present else None)
-    res = dict(file=path, present=present, exit_status=None, **counts)
-    if present:
-        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path], cwd=HERE,
-                           capture_output=True, text=True)
-        last = (p.stdout.strip().splitlines() or [""])[-1]          # "1 failed, 5 passed, 2 skipped in 3.1s"
-        found = re.findall(r"(\d+) (passed|failed|skipped|error)s?\b", last)
-        res.update(exit_status=p.returncode, **{w if w != "error" else "errors": int(c) for c, w in found})
-    print(f"{path or 'tests'}: {last if present else 'no such test file; no tests run'}", flush=True)
+    res = dict(file=path, present=bool(path) and os.path.isfile(os.path.join(HERE, path)), exit_status=None,
+               passed=None, failed=None, skipped=None, errors=None)
+    if not res["present"]:
+        print(f"{path or 'tests'}: no such test file; no tests run", flush=True)
+        return res
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path], cwd=HERE,
+                       capture_output=True, text=True)
+    res.update(exit_status=p.returncode, passed=0, failed=0, skipped=0, errors=0)
+    last = (p.stdout.strip().splitlines() or [""])[-1]          # "1 failed, 5 passed, 2 skipped in 3.1s"
+    for count, word in re.findall(r"(\d+) (passed|failed|skipped|error)s?\b", last):
+        res["errors" if word == "error" else word] = int(count)
+    print(f"{path}: {last}", flush=True)
     return res
 
 
@@ -980,26 +1123,30 @@ def cmd_gpucheck(opts, train_argv):
     # every run and timing: the preset, an outer step on every step, and |B| = 128·b unless given
     argv = [f"--preset={opts['preset']}", "--outer_every=1"] + train_argv
     b = train.parse_args(argv, train_defaults())["batch_size"]      # bad settings fail here, before any run
-    argv += [f"--big_batch_size={128 * b}"] * (not any(a.startswith("--big_batch_size=") for a in train_argv))
-    tests, runs = run_tests(opts["tests"]), {}                                                      # (1)
-    for m in ("baseline", "soba"):                                                                  # (2)
+    if not any(a.startswith("--big_batch_size=") for a in train_argv):
+        argv.append(f"--big_batch_size={128 * b}")
+    tests, runs = run_tests(opts["tests"]), {}                                                    # (1)
+    for m in ("baseline", "soba"):                                                                # (2)
         d = os.path.join(opts["run_dir"], m)
-        cmd = train_cmd(argv + [f"--method={m}", f"--max_steps={opts['steps']}", "--finetune_steps=0"], d, 1)
-        if (rc := run_all([(m, cmd, d)], 1)[m]) in (130, 143):
+        run_argv = argv + [f"--method={m}", f"--max_steps={opts['steps']}", "--finetune_steps=0"]
+        rc = run_all([(m, train_cmd(run_argv, d, fresh=True), d)], 1)[m]
+        if rc in (130, 143):
             return 130               # Ctrl-C: stop here
         summ = (read_json(os.path.join(d, "summary.json")) if rc == 0 else None) or {}
         runs[m] = dict(exit_status=rc, steps=opts["steps"], **{k: summ.get(k) for k in (
             "specific_valid_loss", "specific_test_loss", "generic_valid_loss", "ms_per_step", "peak_mem_mb")})
     res, facts = bench(argv, ["baseline", "soba", "dds", "anograd"], opts["bench_steps"],
-                       opts["bench_warmup"], rounds=1)                                              # (3)
+                       opts["bench_warmup"], rounds=1)                                            # (3)
     cfg = facts.pop("cfg")
     report = dict(**facts, torch_version=torch.__version__, cuda_version=torch.version.cuda, tests=tests,
                   **{k: cfg[k] for k in ("batch_size", "big_batch_size", "seq_len", "outer_every")},
                   preset=opts["preset"], train=runs, methods=res, wall_s=time.time() - t0)
-    save(out := opts["out"] or os.path.join(opts["run_dir"], "gpucheck.json"), report)
+    out = opts["out"] or os.path.join(opts["run_dir"], "gpucheck.json")
+    save(out, report)
     print(f"\n{facts['device']} | torch {torch.__version__} | CUDA {torch.version.cuda} | b = "
           f"{cfg['batch_size']}, |B| = {cfg['big_batch_size']} | report: {out}")
-    return 1 if tests["failed"] or tests["errors"] or any(r["exit_status"] for r in runs.values()) else 0
+    failed = tests["failed"] or tests["errors"] or any(r["exit_status"] for r in runs.values())
+    return 1 if failed else 0
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1018,9 +1165,11 @@ def main(argv):
     try:
         need(argv[0] in COMMANDS, f"{argv[0]}: unknown subcommand (choose from {', '.join(COMMANDS)})")
         if "-h" in argv or "--help" in argv:
-            return print(help_text(argv[0])) or 0
+            print(help_text(argv[0]))
+            return 0
         fn, table, train_settings = COMMANDS[argv[0]]
-        return fn(*parse_options(argv[1:], table, argv[0], train_settings))
+        opts, train_argv = parse_options(argv[1:], table, argv[0], train_settings)
+        return fn(opts, train_argv)
     except (data.DataError, train.TrainingError, OSError) as e:    # DataError: DiagnoseError, ConfigError
         print(f"error: {e}", file=sys.stderr)
         return 2

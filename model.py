@@ -20,27 +20,18 @@ derivatives go through the eager graph, never the compiled one.
 The model is built from a train.py config dict (the presets live in train.py only):
 `ByteLM.from_config(cfg)`.
 
-Devices and processes (used by train.py): `resolve_device` (--device), `peak_mem_mb`, and the few
-collectives of data-parallel training under torchrun: `init_ranks` joins the process group,
-`all_reduce_mean` averages gradients over the ranks, `any_rank` agrees on a stop signal, `gather`
-collects the per-rank random streams for a checkpoint. In a single process they do nothing.
+This file is the model only: devices, processes and checkpoints are train.py's.
 """
 
 import contextlib
 import math
-import os
-import re
-import resource
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
-
-from data import DataError
 
 
 @dataclass
@@ -92,79 +83,6 @@ def compile_model(model):
     module); compilation happens at the first call. `second_order(model)` runs it uncompiled."""
     model.compile()
     return model
-
-
-# ----------------------------------------------------------------------------------------------
-# devices and processes: --device, peak memory, and data parallelism under torchrun (train.py)
-
-def resolve_device(name):
-    """--device → a device string, or a one-line DataError for an unknown or unavailable device."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
-        raise DataError(f"--device: unknown device {name!r} (expected auto, cpu, cuda or cuda:N)")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DataError(f"--device={name}: CUDA is not available (a CPU-only PyTorch or no visible GPU)")
-    return name
-
-
-def peak_mem_mb(device):
-    """Peak memory in MB: allocated tensors on CUDA, the process's maximum resident set on the CPU."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def ranks():
-    """(rank, N) of this process among the N that torchrun started: (0, 1) without torchrun."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def init_ranks(device):
-    """(rank, N, this rank's device); joins the process group when N > 1: NCCL with one GPU per
-    rank (LOCAL_RANK) on CUDA, gloo on the CPU."""
-    (rank, world), dev = ranks(), resolve_device(device)
-    if world > 1 and not dist.is_initialized():
-        cuda = torch.device(dev).type == "cuda"
-        if cuda:
-            dev = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
-            torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return rank, world, dev
-
-
-def all_reduce_mean(tensors, mean=True):
-    """Average (or sum) tensors over the ranks, in place, in one collective: afterwards every rank
-    holds the same values. Nothing happens in a single process."""
-    if dist.is_initialized() and tensors:
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat)                                   # Σ over ranks (gloo has no mean)
-        flat /= dist.get_world_size() if mean else 1
-        for t, f in zip(tensors, flat.split([t.numel() for t in tensors])):
-            t.copy_(f.view_as(t))
-
-
-def grads_of(*modules):
-    """The .grad of every parameter of the modules that has one."""
-    return [p.grad for m in modules for p in m.parameters() if p.grad is not None]
-
-
-def any_rank(value, device):
-    """The largest of the ranks' integer values (e.g. a signal number, 0 for none)."""
-    if not dist.is_initialized():
-        return value
-    flag = torch.tensor(value, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag)
-
-
-def gather(obj):
-    """[every rank's obj] (picklable; tensors on the CPU), on every rank; [obj] in a single process."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -47,8 +47,11 @@ import re
 import signal
 import sys
 import time
+import resource
+import shutil
 from functools import partial
 from types import SimpleNamespace
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -56,9 +59,8 @@ from tqdm import tqdm
 
 import bilevel
 import data
-from data import atomic_write, read_checkpoint, truncate_log, write_json
-from model import (ByteLM, all_reduce_mean, any_rank, gather, grads_of, init_ranks, peak_mem_mb, ranks,
-                   resolve_device)
+from data import atomic_write, read_checkpoint, write_json
+from model import ByteLM
 from weighter import (LossWeighter, Replay, Weighter, effective_sample_size, filter_batch, load_weighter,
                       save_snapshot, score)
 
@@ -154,9 +156,6 @@ PRESETS = {
 # lowest final specific VALID loss of SOBA over 1e-4, 3e-4, 1e-3, 3e-3, on seeds 0 and 1 (README)
 PRESETS["scarce"] = dict(PRESETS["cpu"], max_steps=3000, finetune_steps=600, eval_interval=100,
                          eval_examples=1000, doc_mode="chunk", specific_train_docs=30, meta_lr=3e-3)
-SPARSE = ("dds", "soba", "anograd")           # Algorithm 1 with a learned weighting network
-FIXED = ("frozen", "shuffled")                # section 6: Algorithm 1's filter with α from another run
-SELECTING = SPARSE + FIXED + ("cds", "classifier", "mwn")   # methods that keep b of a big batch B
 config_keys = [k for k, v in globals().items() if k[0] != "_" and type(v) in (int, float, bool, str)]
 
 
@@ -165,27 +164,28 @@ class TrainingError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------------
-# setup: ctx holds the data, θ, α, v, the optimisers and the random streams
+# setup: ctx holds the data, θ and its optimiser, the random streams, and what the method adds (its
+# own setup function in METHODS); ctx.state lists what a checkpoint holds
 
 def setup(cfg):
     """Everything a run needs, in ctx: the corpora (examples resident on the device), θ and its AdamW,
-    α and its Adam (or the baselines' networks), SOBA's v, ScaleBiO's u and p, the samplers and
-    generators, and ctx.state: the list of what a checkpoint holds. The order of the random draws
-    (θ's init, then α's) is part of what makes a seed reproduce a run."""
+    the samplers and generators, then the method's own state (α, v, u, p, …: METHODS[method].setup).
+    The order of the random draws (θ's init, then α's) is part of what makes a seed reproduce a run."""
     torch.manual_seed(cfg["seed"])
     torch.set_flush_denormal(True)    # denormal floats make the CPU's double backward ~20% slower
     rank, world, dev = init_ranks(cfg["device"])
+    method = METHODS[cfg["method"]]
     # B is drawn i.i.d. uniformly with replacement (Algorithm 1): a pool smaller than |B| only warns
-    g, specifics, info = data.load_data(cfg, cfg["big_batch_size"] if cfg["method"] in SELECTING
-                                        else cfg["batch_size"])
+    pool = cfg["big_batch_size"] if method.selects else cfg["batch_size"]
+    g, specifics, info = data.load_data(cfg, pool)
     ctx = SimpleNamespace(cfg=cfg, device=dev, rank=rank, world=world, generic=g, specifics=specifics,
                           info=info, specific_names=data.set_names(specifics), step=0, stats={},
-                          last_loss=float("nan"), b=cfg["batch_size"] // world)   # b: this rank's
+                          b=cfg["batch_size"] // world)       # b: this rank's share of the batch
     cuda = torch.device(dev).type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cuda    # TF32 on CUDA
     # the precision policy of the module docstring: bf16 autocast around every pass of θ on CUDA
     # (first and second order alike), nothing on the CPU; parameters and optimiser states stay FP32
-    ctx.autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+    ctx.autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16, enabled=cuda)
     # the examples live on the device; batches are indexed there (the indices come from CPU draws)
     ctx.x_train, ctx.source_train = g.train.x.to(dev), g.train.source_id.to(dev)   # (N, T), (N,)
     ctx.specific_x = [s.train.x.to(dev) for s in specifics]                        # [(N_s, T)]
@@ -194,27 +194,11 @@ def setup(cfg):
     # ScaleBiO's w (= θ) takes its authors' weight decay; fused AdamW on CUDA
     wd = cfg["scalebio_weight_decay"] if cfg["method"] == "scalebio" else cfg["weight_decay"]
     ctx.opt = adamw(ctx.model.parameters(), cfg["lr"], wd, dev)
-    ctx.weighter = ctx.meta_opt = ctx.v = ctx.v_opt = ctx.u = ctx.p = ctx.cds = None
-    if cfg["method"] in SPARSE + ("classifier",):
-        # α; the classifier uses "the same architecture as the weighting model" (section 5.1)
-        ctx.weighter = Weighter(cfg["weighter_dim"], cfg["weighter_kernel"]).to(dev)
-    elif cfg["method"] == "mwn":
-        ctx.weighter = LossWeighter().to(dev)     # mlp(ℓ(x; θ); α), 100 hidden units
-    elif cfg["method"] == "frozen":
-        ctx.weighter = load_weighter(cfg["weighter_ckpt"])[0].to(dev)
-    elif cfg["method"] == "shuffled":
-        ctx.replay = Replay(cfg["weighter_trajectory"], cfg["seed"] + 200)
-        ctx.weighter = load_weighter(ctx.replay.files[0], "--weighter_trajectory")[0].to(dev)
-    if ctx.weighter is not None:   # a fixed α gets lr 0: never stepped, saved like any run's α
-        ctx.meta_opt = torch.optim.Adam(ctx.weighter.parameters(), lr=0.0 if cfg["method"] in FIXED
-                                        else cfg["meta_lr"], fused=cuda or None)
-    if cfg["method"] == "soba":
-        # v: same shape as θ, zeros at start, never reset (reference code)
-        ctx.v = {k: torch.zeros_like(p, requires_grad=True) for k, p in ctx.model.named_parameters()}
-        ctx.v_opt = torch.optim.Adam(list(ctx.v.values()), lr=cfg["lr"], betas=(0.9, 0.98), eps=1e-9,
-                                     fused=cuda or None)
-    if cfg["method"] == "scalebio":
-        setup_scalebio(ctx)
+    ctx.state = {"model": ctx.model, "opt": ctx.opt}
+    # what a method without state of its own keeps None (source_share reads p, the loop meta_opt)
+    ctx.weighter = ctx.meta_opt = ctx.v = ctx.v_opt = ctx.p = None
+    if method.setup is not None:
+        method.setup(ctx)
     if cfg["compile"]:
         ctx.model.compile()          # in place: the same module, the same state_dict keys
     ctx.generic_sampler = data.Sampler(len(g.train), cfg["seed"] + 1)
@@ -226,7 +210,13 @@ def setup(cfg):
     # per source, the examples trained on since the last evaluation (a device tensor: no sync per step)
     ctx.counts = torch.zeros(len(g.sources), dtype=torch.float64, device=dev)
     ctx.progress = dict(seen=0, train_time=0.0, best=None, last_eval={})
-    ctx.state = checkpoint_state(ctx)
+    ctx.state.update(generic_sampler=ctx.generic_sampler, specific_samplers=Samplers(ctx.specific_samplers),
+                     gen=Stateful(ctx.gen.get_state, ctx.gen.set_state),      # the filter's draws
+                     torch_rng=Stateful(torch.get_rng_state, torch.set_rng_state),   # dropout
+                     counts=InPlace(ctx.counts),              # source counts
+                     progress=Attribute(ctx, "progress"))     # examples, time, results
+    if cuda:
+        ctx.state["cuda_rng"] = Stateful(torch.cuda.get_rng_state, torch.cuda.set_rng_state)
     return ctx
 
 
@@ -241,6 +231,51 @@ def lr_at(step, cfg):
     # reference schedule: η_t = lr · min(t / warmup, √(warmup / t)) with t = step + 1: a linear
     # warm-up to lr, then an inverse-square-root decay
     return cfg["lr"] * min((step + 1) / cfg["warmup"], math.sqrt(cfg["warmup"] / (step + 1)))
+
+
+# --- the methods' own state, built by METHODS[method].setup and registered in ctx.state where it is made
+
+def setup_alpha(ctx, weighter=None):
+    """α: the weighting network w(x; α) (or the given network) and its Adam, saved in checkpoints.
+    The domain classifier uses "the same architecture as the weighting model" (section 5.1)."""
+    cfg = ctx.cfg
+    ctx.weighter = weighter or Weighter(cfg["weighter_dim"], cfg["weighter_kernel"]).to(ctx.device)
+    ctx.meta_opt = torch.optim.Adam(ctx.weighter.parameters(), lr=cfg["meta_lr"],
+                                    fused=torch.device(ctx.device).type == "cuda" or None)
+    ctx.state.update(weighter=ctx.weighter, meta_opt=ctx.meta_opt)
+
+
+def setup_mwn(ctx):
+    """Meta-Weight-Net's α: mlp(ℓ(x; θ); α), 100 hidden units, and its Adam."""
+    setup_alpha(ctx, LossWeighter().to(ctx.device))
+
+
+def setup_soba(ctx):
+    """α, then SOBA's v: same shape as θ, zeros at the start, never reset (reference code), and its Adam."""
+    setup_alpha(ctx)
+    ctx.v = {k: torch.zeros_like(p, requires_grad=True) for k, p in ctx.model.named_parameters()}
+    ctx.v_opt = torch.optim.Adam(list(ctx.v.values()), lr=ctx.cfg["lr"], betas=(0.9, 0.98), eps=1e-9,
+                                 fused=torch.device(ctx.device).type == "cuda" or None)
+    ctx.state.update(v=InPlace(ctx.v), v_opt=ctx.v_opt)
+
+
+def setup_frozen(ctx):
+    """Section 6: α read from another run, never stepped (no optimiser); saved like any run's α."""
+    ctx.weighter = load_weighter(ctx.cfg["weighter_ckpt"])[0].to(ctx.device)
+    ctx.state["weighter"] = ctx.weighter
+
+
+def setup_shuffled(ctx):
+    """Section 6.1: the α_t another run saved, replayed in a random order σ (by seed)."""
+    ctx.replay = Replay(ctx.cfg["weighter_trajectory"], ctx.cfg["seed"] + 200)
+    ctx.weighter = load_weighter(ctx.replay.files[0], "--weighter_trajectory")[0].to(ctx.device)
+    ctx.state["weighter"] = ctx.weighter
+
+
+def setup_cds(ctx):
+    """CDS's Δ(x) for every generic example, None until phase (iii) computes it; saved once computed."""
+    ctx.cds = None
+    ctx.state["cds"] = Attribute(ctx, "cds")
 
 
 # --- data parallel (torchrun --nproc_per_node=N). batch_size, big_batch_size and specific_batch_size
@@ -273,6 +308,12 @@ def step_alpha(ctx):
 # ---------------------------------------------------------------------------------------------------
 # the loop: Algorithm 1's "for t = 1 … T", then fine-tuning; evaluation and checkpoints on the way
 
+class Step(NamedTuple):
+    """What a step function returns to the loop."""
+    loss: torch.Tensor              # 0-dim: the step's training loss (read at the next evaluation)
+    idx: torch.Tensor = None        # (b,) indices into generic train of what θ trained on, or None
+
+
 def train_loop(ctx, start, stop):
     """Steps start … max_steps + finetune_steps − 1. Every eval_interval steps (and at the end of each
     phase): evaluate, log, checkpoint. stop["sig"] is set by SIGINT / SIGTERM: the step in progress
@@ -286,18 +327,20 @@ def train_loop(ctx, start, stop):
     for step in bar:
         pretrain = step < cfg["max_steps"]
         t0 = time.perf_counter()
-        idx = train_step(ctx, step)
+        out = train_step(ctx, step)
         ms.append(1000 * (time.perf_counter() - t0))
         p = ctx.progress      # what the run has done so far (saved in the checkpoint)
         p["train_time"], p["seen"] = p["train_time"] + ms[-1] / 1000, p["seen"] + cfg["batch_size"]
-        p["pretrain_ms"] = p.get("pretrain_ms", 0.0) + (ms[-1] if pretrain else 0.0)   # for ms_per_step
-        if idx is not None:     # the sources of the examples θ trained on, counted on the device
-            ctx.counts += torch.bincount(ctx.source_train[idx], minlength=len(ctx.counts))
+        if pretrain:
+            p["pretrain_ms"] = p.get("pretrain_ms", 0.0) + ms[-1]        # for summary.json's ms_per_step
+        if out.idx is not None:     # the sources of the examples θ trained on, counted on the device
+            ctx.counts += torch.bincount(ctx.source_train[out.idx], minlength=len(ctx.counts))
         done = step + 1
-        if ctx.weighter and cfg["method"] not in FIXED and ctx.rank == 0:
-            save_snapshot(ctx.weighter, done, cfg)     # α_t, when due, for `shuffled` replays (6.1)
+        # α_t for `shuffled` replays (section 6.1), when this run trains α (it has α's optimiser)
+        if ctx.meta_opt is not None and ctx.rank == 0 and snapshot_due(done, cfg):
+            save_snapshot(ctx.weighter, done, cfg)
         if done % cfg["eval_interval"] == 0 or done in (cfg["max_steps"], total):
-            finish_eval(ctx, done, "pretrain" if done <= cfg["max_steps"] else "finetune", ms)
+            finish_eval(ctx, done, "pretrain" if done <= cfg["max_steps"] else "finetune", ms, out.loss)
         # torchrun: the largest signal over the ranks. stop["sig"] is only read here, never reset: a handler
         # that runs while the ranks agree (inside any_rank) is seen at the next step, not overwritten.
         sig = any_rank(stop["sig"] or 0, ctx.device)
@@ -316,58 +359,97 @@ def train_loop(ctx, start, stop):
 
 def train_step(ctx, step):
     """One training step at `step`: the method's step while pretraining, then fine-tuning's, at lr_at(step).
-    Returns the indices (b,) of the generic examples θ trained on, or None."""
+    Returns the step function's Step(loss, idx)."""
     for group in ctx.opt.param_groups:
         group["lr"] = lr_at(step, ctx.cfg)
     ctx.step = step
-    return (METHODS[ctx.cfg["method"]] if step < ctx.cfg["max_steps"] else step_specific)(ctx, step)
+    if step < ctx.cfg["max_steps"]:
+        return METHODS[ctx.cfg["method"]].step(ctx, step)
+    return step_specific(ctx, step)
+
+
+def snapshot_due(step, cfg):
+    """Whether α_step is saved: every save_weighter_every steps of pretraining (0: at every evaluation;
+    < 0: never)."""
+    every = cfg["save_weighter_every"]
+    if every < 0 or step > cfg["max_steps"]:
+        return False
+    if every > 0:
+        return step % every == 0
+    return step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]
 
 
 # ---------------------------------------------------------------------------------------------------
 # Algorithm 1 (section 4.2): one step of sparse online bilevel training
 
-def step_sparse(ctx, step):
+def step_sparse(ctx, step, outer_on_R=None, outer_on_S=None):
     """B_generic^big ~ uniform; the outer step on α; S = filter(B, α, b); the inner step on θ on S.
 
-    The order follows the reference code. DDS and Anograd take their outer step on R (a uniform
-    b-subset of B) with the current θ, then filter with the updated α_{t+1}. SOBA filters with α_t
-    first and takes its outer step on S: its Hessian term and d_α are on the very batch θ trains on,
-    and one forward/backward on S serves both SOBA's update and the main update (bilevel.soba_step).
+    The order follows the reference code. DDS and Anograd (`outer_on_R`) take their outer step on R (a
+    uniform b-subset of B) with the current θ, then filter with the updated α_{t+1}. SOBA (`outer_on_S`)
+    filters with α_t first and takes its outer step on S: its Hessian term and d_α are on the very
+    batch θ trains on, and one forward/backward on S serves both SOBA's update and the main update.
     `frozen` and `shuffled` (section 6) run the same step with α trained elsewhere and no outer step."""
-    cfg, model, weighter, b = ctx.cfg, ctx.model, ctx.weighter, ctx.b
-    if cfg["method"] == "shuffled":      # section 6.1: α_{t_σ(j)} in segment j of the run
-        ctx.replay.load(weighter, step, cfg["max_steps"])
+    cfg, b = ctx.cfg, ctx.b
     # B_generic^big: |B| i.i.d. uniform draws from D_generic (CPU generator, indices moved)
     idx_B, x_B = big_batch(ctx)                                                # (|B|,), (|B|, T)
-    outer = step % cfg["outer_every"] == 0
-    ctx.meta_opt.zero_grad(set_to_none=True)
-    grads = None
-    if cfg["method"] in ("dds", "anograd") and outer:
+    due = step % cfg["outer_every"] == 0
+    if outer_on_R is not None and due:
         # R = the first b rows of B: B is i.i.d. uniform, so they are a uniform b-subset
-        x_R, x_spec = x_B[:b], specific_batch(ctx)
-        with ctx.autocast():
-            if cfg["method"] == "dds":
-                out = bilevel.dds_step(model, weighter, x_R, x_spec, cfg["rho"])       # Eq. (3)
-            else:
-                out = bilevel.anograd_step(model, weighter, x_R, x_spec)               # section 4.3.3
-        step_alpha(ctx)                                                                # α_{t+1}
-        ctx.stats["outer_loss"] = out.detach()
+        ctx.stats["outer_loss"] = outer_on_R(ctx, x_B[:b], specific_batch(ctx)).detach()     # α_{t+1}
     # s(x; α) for all of B, then filter(B, α, b): b indices into B drawn ∝ w (Table 7's filters)
-    s_B = score(weighter, x_B)                                                 # (|B|,)
+    s_B = score(ctx.weighter, x_B)                                             # (|B|,)
     S = filter_batch(s_B, b, cfg["filter"], ctx.gen)                           # (b,)
     x_S = x_B[S]                                                               # (b, T)
-    if cfg["method"] == "soba" and outer:
-        with ctx.autocast():
-            d_v, grads, losses = bilevel.soba_step(model, weighter, x_S, specific_batch(ctx), ctx.v,
-                                                   cfg["soba_chunks"])          # section 4.3.2
-        ctx.last_loss = losses.mean().detach()
-        step_alpha(ctx)                                                    # α_{t+1} = α_t − Adam(d_α)
-        soba_v_update(ctx, d_v, step)                                          # v_{t+1}
-    # θ_{t+1}: one step on the UNIFORM mean loss of S (SOBA: along the gradient it already has)
-    ctx.last_loss = main_update(ctx, x_S, grads=grads)
+    if outer_on_S is not None and due:
+        # θ_{t+1} along the gradient of the UNIFORM mean loss of S that the outer update computed
+        loss, grads = outer_on_S(ctx, x_S, specific_batch(ctx), step)
+        ctx.opt.zero_grad(set_to_none=True)
+        for k, p in ctx.model.named_parameters():
+            p.grad = grads[k].to(p.dtype)
+        step_along_grads(ctx, ctx.model, ctx.opt)
+    else:
+        # θ_{t+1}: one step on the UNIFORM mean loss of S
+        loss = main_update(ctx, x_S)
     # w(x; α) = softmax_B s(x; α): how concentrated the sampling distribution over B is
     weight_stats(ctx, torch.softmax(s_B, 0))
-    return idx_B[S]
+    return Step(loss, idx_B[S])
+
+
+def outer_dds(ctx, x_R, x_specific):
+    """DDS (Eq. 3): α ← α − Adam(∇_α L_specific(θ − ρ ∇_θ Σ_R w ℓ)). Returns the outer loss."""
+    ctx.meta_opt.zero_grad(set_to_none=True)
+    with ctx.autocast():
+        out = bilevel.dds_step(ctx.model, ctx.weighter, x_R, x_specific, ctx.cfg["rho"])
+    step_alpha(ctx)
+    return out
+
+
+def outer_anograd(ctx, x_R, x_specific):
+    """Anograd (4.3.3): α ← α − Adam(∇_α −cos(∇L_specific, ∇ Σ_R w ℓ)). Returns the outer loss."""
+    ctx.meta_opt.zero_grad(set_to_none=True)
+    with ctx.autocast():
+        out = bilevel.anograd_step(ctx.model, ctx.weighter, x_R, x_specific)
+    step_alpha(ctx)
+    return out
+
+
+def outer_soba(ctx, x_S, x_specific, step):
+    """SOBA (section 4.3.2) on S: α_{t+1} = α_t − Adam(d_α), v_{t+1} from d_v. Returns the uniform mean
+    loss of S and its gradient ∇_θ, which the same pass computed (θ then steps along it)."""
+    ctx.meta_opt.zero_grad(set_to_none=True)
+    with ctx.autocast():
+        d_v, grads, losses = bilevel.soba_step(ctx.model, ctx.weighter, x_S, x_specific, ctx.v,
+                                               ctx.cfg["soba_chunks"])
+    step_alpha(ctx)
+    soba_v_update(ctx, d_v, step)
+    return losses.mean().detach(), grads
+
+
+def step_shuffled(ctx, step):
+    """Section 6.1: α_{t_σ(j)} in segment j of the run, then Algorithm 1's step with no outer update."""
+    ctx.replay.load(ctx.weighter, step, ctx.cfg["max_steps"])
+    return step_sparse(ctx, step)
 
 
 def weight_stats(ctx, w):
@@ -375,27 +457,25 @@ def weight_stats(ctx, w):
     ctx.stats["ess"], ctx.stats["max_weight"] = effective_sample_size(w), w.max().detach()
 
 
-def main_update(ctx, x=None, grads=None, specific_x=None, weights=None, model=None, opt=None):
-    """The inner update of Algorithm 1, θ ← θ − AdamW(∇_θ L), with (1/b) Σ_{x∈S} ℓ(x; θ) as L.
-    One AdamW step on θ on the uniform mean loss of x (LTR: Σ_i weights_i ℓ(x_i; θ)), or along
-    precomputed grads; mixing adds a specific batch with weight 1 − generic_weight. Returns the
-    (generic) training loss as a 0-dim tensor. (CDS steps its copy θ_ft with its own model, opt.)"""
+def main_update(ctx, x):
+    """The inner update of Algorithm 1 on the uniform mean loss of x (b, T):
+    θ ← θ − AdamW(∇_θ (1/b) Σ_{x∈S} ℓ(x; θ)). Returns the loss (0-dim)."""
+    with ctx.autocast():
+        loss = ctx.model(x).float().mean()                                     # (b,) ℓ(x; θ) → mean
+    update_theta(ctx, loss)
+    return loss.detach()
+
+
+def update_theta(ctx, loss, model=None, opt=None):
+    """θ ← θ − AdamW(∇_θ loss): one step of θ (or of model, CDS's copy θ_ft, with its optimiser)."""
     model, opt = model or ctx.model, opt or ctx.opt
     opt.zero_grad(set_to_none=True)
-    if grads is not None:
-        for k, p in model.named_parameters():
-            p.grad = grads[k].to(p.dtype)
-        loss = ctx.last_loss
-    else:
-        with ctx.autocast():
-            losses = model(x).float()                                           # (b,) ℓ(x; θ)
-            loss = losses.mean() if weights is None else (weights.detach() * losses).sum()
-            total = loss
-            if specific_x is not None:
-                # mixing: g = generic_weight · g_generic + (1 − generic_weight) · g_specific
-                total = (ctx.cfg["generic_weight"] * loss
-                         + (1 - ctx.cfg["generic_weight"]) * model(specific_x).float().mean())
-        total.backward()
+    loss.backward()
+    step_along_grads(ctx, model, opt)
+
+
+def step_along_grads(ctx, model, opt):
+    """One AdamW step of model along the gradients in its .grad (averaged over the ranks)."""
     all_reduce_mean(grads_of(model))     # torchrun: ∇_θ of the global batch's mean loss (all ranks)
     # ‖∇_θ‖ (clipped to grad_clip when set), checked before the step so θ never takes a NaN update:
     # the step's one host synchronisation
@@ -404,9 +484,8 @@ def main_update(ctx, x=None, grads=None, specific_x=None, weights=None, model=No
         raise TrainingError(f"step {ctx.step}: the gradient of θ is {norm.item()} (the last good "
                             "checkpoint is kept)")
     ctx.stats["grad_norm"] = norm
-    # AdamW: m ← β1 m + (1 − β1) g,  s ← β2 s + (1 − β2) g²,  θ ← θ − η_t (m̂ / (√ŝ + ε) + λ θ)
+    # AdamW: m ← β1 m + (1 − β1) g, s ← β2 s + (1 − β2) g², θ ← θ − η_t (m̂ / (√ŝ + ε) + λ θ)
     opt.step()
-    return loss.detach()
 
 
 def soba_v_update(ctx, d_v, step):
@@ -430,7 +509,9 @@ def specific_batch(ctx):
     # (the draws come from each set's own Sampler: the specific stream does not depend on the method's
     # other draws, so B_specific is the same sequence for every method with the same seed)
     """B_specific: uniform draws from one specific set (chosen at random when there are several)."""
-    k = 0 if len(ctx.specifics) == 1 else int(torch.randint(len(ctx.specifics), (1,), generator=ctx.gen))
+    k = 0
+    if len(ctx.specifics) > 1:
+        k = int(torch.randint(len(ctx.specifics), (1,), generator=ctx.gen))
     idx = shard(ctx, ctx.specific_samplers[k].sample(ctx.cfg["specific_batch_size"]))
     return ctx.specific_x[k][idx]                                              # (|B_specific|, T)
 
@@ -442,20 +523,30 @@ def big_batch(ctx):
 
 
 # ---------------------------------------------------------------------------------------------------
-# the other methods. Each step function returns the indices (into generic train) θ trained on, or
-# None when the batch is not a selection (specific, LTR, ScaleBiO)
+# the other methods. Each step function returns Step(loss, idx), idx None when the batch is not a
+# selection (specific, LTR, ScaleBiO)
 
-def step_baseline(ctx, step, mix=False):
-    """Plain pretraining on uniform generic batches. mix: `mixing`, each step a generic batch and a
-    specific batch, g = 0.9 g_generic + 0.1 g_specific (METHODS)."""
+def step_baseline(ctx, step):
+    """Plain pretraining on uniform generic batches."""
     idx = shard(ctx, ctx.generic_sampler.sample(ctx.cfg["batch_size"]))
-    ctx.last_loss = main_update(ctx, ctx.x_train[idx], specific_x=specific_batch(ctx) if mix else None)
-    return idx
+    return Step(main_update(ctx, ctx.x_train[idx]), idx)
+
+
+def step_mixing(ctx, step):
+    """Each step a uniform generic batch and a specific batch: g = 0.9 g_generic + 0.1 g_specific."""
+    idx = shard(ctx, ctx.generic_sampler.sample(ctx.cfg["batch_size"]))
+    x_specific, gw = specific_batch(ctx), ctx.cfg["generic_weight"]
+    with ctx.autocast():
+        loss = ctx.model(ctx.x_train[idx]).float().mean()                      # generic mean ℓ(x; θ)
+        # g = generic_weight · g_generic + (1 − generic_weight) · g_specific
+        total = gw * loss + (1 - gw) * ctx.model(x_specific).float().mean()
+    update_theta(ctx, total)
+    return Step(loss.detach(), idx)
 
 
 def step_specific(ctx, step):
     """Training on the specific set only (also every method's fine-tuning phase)."""
-    ctx.last_loss = main_update(ctx, specific_batch(ctx))     # returns None: no generic example
+    return Step(main_update(ctx, specific_batch(ctx)))
 
 
 # --- ScaleBiO (bilevel.scalebio_step): source weights λ = softmax(p), the auxiliary model u, LISA.
@@ -471,11 +562,12 @@ def setup_scalebio(ctx):
     ctx.p_opt = adamw([ctx.p], cfg["scalebio_lr_p"], 0.0, ctx.device)
     ctx.lisa_gen = {k: torch.Generator().manual_seed(cfg["seed"] + 200 + i) for i, k in enumerate("uw")}
     ctx.lisa_active = {k: list(range(cfg["n_layer"])) for k in "uw"}  # all blocks train until a draw
+    ctx.state.update(u=ctx.u, p=InPlace(ctx.p), lisa=LisaState(ctx), u_opt=ctx.u_opt, p_opt=ctx.p_opt)
 
 
 def step_scalebio(ctx, step):
     """One ScaleBiO step on a UNIFORM generic batch and a specific batch; the learned distribution is
-    λ, logged at every evaluation. Returns None (the batch is uniform)."""
+    λ, logged at every evaluation."""
     cfg, lisa = ctx.cfg, (("u", ctx.u, ctx.u_opt), ("w", ctx.model, ctx.opt))
     if cfg["lisa"] and step % cfg["lisa_interval"] == 0:
         for k, model, opt in lisa:    # new active blocks for u and for w, the others frozen
@@ -492,16 +584,18 @@ def step_scalebio(ctx, step):
         out = bilevel.scalebio_step(ctx.model, ctx.u, ctx.p, ctx.x_train[idx], ctx.source_train[idx],
                                     specific_batch(ctx), cfg["scalebio_alpha"])
     all_reduce_mean(grads_of(ctx.model, ctx.u) + [ctx.p.grad])     # torchrun: averaged over ranks
-    for model in (ctx.model, ctx.u) if cfg["grad_clip"] > 0 else ():
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+    if cfg["grad_clip"] > 0:
+        for model in (ctx.model, ctx.u):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
     for opt in (ctx.opt, ctx.u_opt, ctx.p_opt):
         opt.step()
     if cfg["lisa"] and step + 1 == cfg["max_steps"]:
         # pretraining ends: w trains all its blocks again (fine-tuning is not LISA)
         ctx.lisa_active["w"] = list(range(cfg["n_layer"]))
         bilevel.lisa_freeze(ctx.model, ctx.lisa_active["w"])
-    ctx.last_loss = out.pop("train_loss")                                     # uniform mean ℓ(x; w)
+    loss = out.pop("train_loss")                                               # uniform mean ℓ(x; w)
     ctx.stats.update({f"scalebio_{k}": v for k, v in out.items()})
+    return Step(loss)
 
 
 # --- CDS, the domain classifier, LTR, Meta-Weight-Net (section 5.1; their maths is in bilevel.py).
@@ -533,8 +627,7 @@ def step_cds(ctx, step):
     idx_B, x_B = big_batch(ctx)                                                # (|B|,), (|B|, T)
     # S = the top-b of −Δ(x) over B: the examples fine-tuning improved most
     S = torch.topk(-ctx.cds["delta"].to(ctx.device)[idx_B], ctx.b).indices                 # (b,)
-    ctx.last_loss = main_update(ctx, x_B[S])
-    return idx_B[S]
+    return Step(main_update(ctx, x_B[S]), idx_B[S])
 
 
 def cds_finetuned_copy(ctx, step):
@@ -546,7 +639,9 @@ def cds_finetuned_copy(ctx, step):
     opt.load_state_dict(copy.deepcopy(ctx.opt.state_dict()))   # deep: AdamW updates moments in place
     for k in range(cfg["cds_finetune_steps"]):
         opt.param_groups[0]["lr"] = lr_at(step + k, cfg)
-        main_update(ctx, specific_batch(ctx), model=tuned, opt=opt)
+        with ctx.autocast():
+            loss = tuned(specific_batch(ctx)).float().mean()                   # (b,) ℓ(x; θ_ft) → mean
+        update_theta(ctx, loss, tuned, opt)
     return tuned
 
 
@@ -564,8 +659,7 @@ def step_classifier(ctx, step):
     idx_B, x_B = big_batch(ctx)                                                # (|B|,), (|B|, T)
     # S = the b examples of B the classifier finds most specific-like (deterministic)
     S = filter_batch(score(ctx.weighter, x_B), ctx.b, "top")                   # (b,) top-b logits
-    ctx.last_loss = main_update(ctx, x_B[S])
-    return idx_B[S]
+    return Step(main_update(ctx, x_B[S]), idx_B[S])
 
 
 def step_ltr(ctx, step):
@@ -576,12 +670,14 @@ def step_ltr(ctx, step):
     the weighted one (Σ_i b·w_i per source), counted here."""
     idx = shard(ctx, ctx.generic_sampler.sample(ctx.cfg["batch_size"]))    # (b,) uniform draws
     x = ctx.x_train[idx]                                                       # (b, T)
-    # w_i ∝ max(−∂L_specific(θ − η Σ_j ε_j ∇ℓ_j)/∂ε_i, 0) at ε = 0, normalised to Σ w = 1 (Eq. 3, ε = 0)
+    # w_i ∝ max(−∂L_specific(θ − η Σ_j ε_j ∇ℓ_j)/∂ε_i, 0) at ε = 0, normalised to Σ w = 1
     w, _ = bilevel.ltr_weights(ctx.model, x, specific_batch(ctx), lr_at(step, ctx.cfg))   # (b,)
-    ctx.last_loss = main_update(ctx, x, weights=w)
+    with ctx.autocast():
+        loss = (w.detach() * ctx.model(x).float()).sum()                      # Σ_i w_i ℓ(x_i; θ)
+    update_theta(ctx, loss)
     ctx.counts.index_add_(0, ctx.source_train[idx], (len(w) * w).detach().double())
     weight_stats(ctx, w)
-    return None
+    return Step(loss.detach())
 
 
 def step_mwn(ctx, step):
@@ -600,9 +696,9 @@ def step_mwn(ctx, step):
     with torch.no_grad():
         s_B = ctx.weighter(losses_B).float()                                   # (|B|,) scores
     S = filter_batch(s_B, b, cfg["filter"], ctx.gen)                           # (b,)
-    ctx.last_loss = main_update(ctx, x_B[S])
+    loss = main_update(ctx, x_B[S])
     weight_stats(ctx, torch.softmax(s_B, 0))                               # w(x; α) = softmax_B s(x; α)
-    return idx_B[S]
+    return Step(loss, idx_B[S])
 
 
 # --- fixed weighting networks (section 6). `frozen` (6.1 "final weighting", 6.4 "weights from small"):
@@ -611,22 +707,33 @@ def step_mwn(ctx, step):
 # `shuffled` (6.1): the α_t a run saved (out_dir/weighters/) replayed in a random order σ: max_steps
 # is cut into K equal segments, segment j uses α_{t_σ(j)}; σ comes from --seed.
 
-# every method and its step function (fine-tuning always uses step_specific):
-#   baseline    uniform generic batches               mixing      generic + specific, fixed mixture
-#   specific    the specific training set only        scalebio    ScaleBiO: one weight per source
-#   dds         Algorithm 1 + DDS (Eq. 3)             cds         contrastive data selection (section 2)
-#   soba        Algorithm 1 + SOBA (4.3.2), default   classifier  domain classifier, top-b of B (5.1)
-#   anograd     Algorithm 1 + Anograd (4.3.3)         ltr         learning to reweight (5.1)
-#   frozen      Algorithm 1, α fixed (6.1, 6.4)       mwn         Meta-Weight-Net (5.1)
-#   shuffled    Algorithm 1, another run's α_t replayed in a random order (6.1)
-# To add a method: write step_NAME(ctx, step) that takes one step of θ (through main_update) and
-# returns the indices of the generic examples it trained on (or None), build its state in setup, add
-# that state to checkpoint_state so that a resumed run is exact, and list it here. Nothing else in the
-# loop, the evaluation or the outputs needs to change.
-METHODS = dict(baseline=step_baseline, mixing=partial(step_baseline, mix=True), specific=step_specific,
-               dds=step_sparse, soba=step_sparse, anograd=step_sparse, scalebio=step_scalebio, cds=step_cds,
-               ltr=step_ltr, classifier=step_classifier, mwn=step_mwn, frozen=step_sparse,
-               shuffled=step_sparse)
+
+class Method(NamedTuple):
+    """One row of METHODS."""
+    step: Callable                  # step(ctx, step) → Step(loss, idx): one training step of θ
+    setup: Callable = None          # setup(ctx): builds the method's state in ctx, registers it in ctx.state
+    selects: bool = False           # keeps b of a big batch B (so its generic pool should hold |B|)
+
+
+# Every method: its step function and, for Algorithm 1, its outer update (each outer_* calls one
+# function of bilevel.py). Fine-tuning always uses step_specific. To add a method, see the README's
+# "Add a method": a step function (or, for Algorithm 1, an outer_* function) and a row here; with
+# state, a setup function that registers it in ctx.state; with settings, lines in the config block.
+METHODS = {
+    "baseline": Method(step_baseline),                                  # uniform generic batches
+    "mixing": Method(step_mixing),                                      # generic + specific, fixed mixture
+    "specific": Method(step_specific),                                  # the specific training set only
+    "dds": Method(partial(step_sparse, outer_on_R=outer_dds), setup_alpha, True),         # Eq. (3)
+    "soba": Method(partial(step_sparse, outer_on_S=outer_soba), setup_soba, True),        # 4.3.2, default
+    "anograd": Method(partial(step_sparse, outer_on_R=outer_anograd), setup_alpha, True),  # 4.3.3
+    "frozen": Method(step_sparse, setup_frozen, True),                 # α fixed (6.1, 6.4)
+    "shuffled": Method(step_shuffled, setup_shuffled, True),           # another run's α_t, shuffled (6.1)
+    "scalebio": Method(step_scalebio, setup_scalebio),                 # ScaleBiO: one weight per source
+    "cds": Method(step_cds, setup_cds, True),                          # contrastive data selection (2)
+    "classifier": Method(step_classifier, setup_alpha, True),          # domain classifier, top-b of B (5.1)
+    "ltr": Method(step_ltr),                                            # learning to reweight (5.1)
+    "mwn": Method(step_mwn, setup_mwn, True),                           # Meta-Weight-Net (5.1)
+}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -648,20 +755,20 @@ def eval_all(ctx):
     return out
 
 
-def finish_eval(ctx, done, phase, ms):
+def finish_eval(ctx, done, phase, ms, train_loss):
     """Evaluate and log (torchrun: on rank 0), then write a checkpoint."""
     all_reduce_mean([ctx.counts], mean=False)      # torchrun: the sources θ trained on, summed over ranks
     if ctx.rank == 0:
-        log_eval(ctx, done, phase, ms)
+        log_eval(ctx, done, phase, ms, train_loss)
     ctx.counts.zero_()
     save_checkpoint(ctx, done)
 
 
-def log_eval(ctx, done, phase, ms):
+def log_eval(ctx, done, phase, ms, train_loss):
     """Evaluate, append a record to log.jsonl, print the progress line, keep the results."""
     rec = {"step": done, "phase": phase, "elapsed_s": round(ctx.progress["train_time"], 2),
            "examples_seen": ctx.progress["seen"], **eval_all(ctx), "lr": lr_at(done, ctx.cfg),
-           "train_loss": float(ctx.last_loss), **{k: float(v) for k, v in ctx.stats.items()}}
+           "train_loss": float(train_loss), **{k: float(v) for k, v in ctx.stats.items()}}
     for k, v in rec.items():    # losses and statistics were kept as tensors: checked here
         if isinstance(v, float) and not math.isfinite(v):
             raise TrainingError(f"step {done}: {k} is {v} (the last good checkpoint is kept)")
@@ -751,43 +858,77 @@ def result_words(summary, ctx):
 
 
 # ---------------------------------------------------------------------------------------------------
-# checkpoints: ctx.state lists everything a checkpoint holds; save and load loop over it
+# checkpoints: ctx.state (name → object with state_dict() / load_state_dict()) lists everything a
+# checkpoint holds, filled where each piece is made (setup, the methods' setup functions)
 
-def Stateful(get, put):
-    """state_dict() / load_state_dict() for what is not a Module, an Optimizer or a Sampler."""
-    return SimpleNamespace(state_dict=get, load_state_dict=put)
+# What is not a Module, an Optimizer or a Sampler is wrapped in one of these small classes, each with the
+# state_dict() / load_state_dict() pair that save_checkpoint and load_checkpoint call.
+
+class Stateful:
+    """The pair from a getter and a setter that already exist (a generator's, torch's random stream)."""
+    def __init__(self, get, put):
+        self.state_dict, self.load_state_dict = get, put
 
 
-def checkpoint_state(ctx):
-    """name → object with state_dict() / load_state_dict(), in restore order."""
-    samplers = ctx.specific_samplers
-    st = {"model": ctx.model, "opt": ctx.opt, "generic_sampler": ctx.generic_sampler,
-          "specific_samplers": Stateful(lambda: [s.state_dict() for s in samplers],
-                                        lambda d: [s.load_state_dict(x) for s, x in zip(samplers, d)]),
-          "gen": Stateful(ctx.gen.get_state, ctx.gen.set_state),                  # the filter's draws
-          "torch_rng": Stateful(torch.get_rng_state, torch.set_rng_state),        # dropout
-          "counts": Stateful(lambda: ctx.counts, ctx.counts.copy_),               # source counts
-          "progress": Stateful(lambda: ctx.progress, ctx.progress.update),        # examples, time, results
-          "cds": Stateful(lambda: ctx.cds, lambda d: setattr(ctx, "cds", d))}     # CDS's Δ once computed
-    if torch.device(ctx.device).type == "cuda":
-        st["cuda_rng"] = Stateful(torch.cuda.get_rng_state, torch.cuda.set_rng_state)
-    if ctx.weighter is not None:
-        st.update(weighter=ctx.weighter, meta_opt=ctx.meta_opt)
-    if ctx.v is not None:
-        st["v"] = Stateful(lambda: ctx.v, lambda d: [ctx.v[k].data.copy_(d[k]) for k in ctx.v])
-        st["v_opt"] = ctx.v_opt
-    if ctx.u is not None:     # ScaleBiO: u, p, their optimisers, LISA's generators and active blocks
+class InPlace:
+    """A tensor or a dict of tensors restored in place: optimisers and ctx keep referring to them (v, p,
+    the source counts)."""
+    def __init__(self, tensors):
+        self.tensors = tensors
 
-        def load_lisa(d):
-            for k, model in (("u", ctx.u), ("w", ctx.model)):
-                ctx.lisa_gen[k].set_state(d["gen"][k])
-                ctx.lisa_active[k] = list(d["active"][k])
-                bilevel.lisa_freeze(model, ctx.lisa_active[k])
-        st.update(u=ctx.u, p=Stateful(lambda: ctx.p.detach(), lambda d: ctx.p.data.copy_(d)),
-                  lisa=Stateful(lambda: {"gen": {k: g.get_state() for k, g in ctx.lisa_gen.items()},
-                                         "active": ctx.lisa_active}, load_lisa),
-                  u_opt=ctx.u_opt, p_opt=ctx.p_opt)
-    return st
+    def state_dict(self):
+        if isinstance(self.tensors, dict):
+            return {k: t.detach() for k, t in self.tensors.items()}
+        return self.tensors.detach()
+
+    def load_state_dict(self, state):
+        with torch.no_grad():
+            if isinstance(self.tensors, dict):
+                for k, t in self.tensors.items():
+                    t.copy_(state[k])
+            else:
+                self.tensors.copy_(state)
+
+
+class Attribute:
+    """An attribute of ctx restored by assignment (the run's progress, CDS's Δ once computed)."""
+    def __init__(self, ctx, name):
+        self.ctx, self.name = ctx, name
+
+    def state_dict(self):
+        return getattr(self.ctx, self.name)
+
+    def load_state_dict(self, state):
+        setattr(self.ctx, self.name, state)
+
+
+class Samplers:
+    """A list of data.Sampler (one per specific set)."""
+    def __init__(self, samplers):
+        self.samplers = samplers
+
+    def state_dict(self):
+        return [s.state_dict() for s in self.samplers]
+
+    def load_state_dict(self, states):
+        for sampler, state in zip(self.samplers, states):
+            sampler.load_state_dict(state)
+
+
+class LisaState:
+    """ScaleBiO with LISA: the block-draw generators of u and w and their active blocks."""
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def state_dict(self):
+        generators = {k: g.get_state() for k, g in self.ctx.lisa_gen.items()}
+        return {"gen": generators, "active": self.ctx.lisa_active}
+
+    def load_state_dict(self, state):
+        for k, model in (("u", self.ctx.u), ("w", self.ctx.model)):
+            self.ctx.lisa_gen[k].set_state(state["gen"][k])
+            self.ctx.lisa_active[k] = list(state["active"][k])
+            bilevel.lisa_freeze(model, self.ctx.lisa_active[k])
 
 
 def save_checkpoint(ctx, step):
@@ -816,6 +957,125 @@ def load_checkpoint(ctx):
         if k in st:
             obj.load_state_dict(st[k])
     return st["step"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# devices and processes: --device, peak memory, and the few collectives of data parallelism under
+# torchrun (see "data parallel" above). In a single process the collectives do nothing.
+
+def resolve_device(name):
+    """--device → a device string, or a one-line ConfigError for an unknown or unavailable device."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ConfigError(f"--device: unknown device {name!r} (expected auto, cpu, cuda or cuda:N)")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device={name}: CUDA is not available (a CPU-only PyTorch or no visible GPU)")
+    return name
+
+
+def peak_mem_mb(device):
+    """Peak memory in MB: allocated tensors on CUDA, the process's maximum resident set on the CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def ranks():
+    """(rank, N) of this process among the N that torchrun started: (0, 1) without torchrun."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_ranks(device):
+    """(rank, N, this rank's device); joins the process group when N > 1: NCCL with one GPU per
+    rank (LOCAL_RANK) on CUDA, gloo on the CPU."""
+    (rank, world), dev = ranks(), resolve_device(device)
+    if world > 1 and not dist.is_initialized():
+        cuda = torch.device(dev).type == "cuda"
+        if cuda:
+            dev = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return rank, world, dev
+
+
+def all_reduce_mean(tensors, mean=True):
+    """Average (or sum) tensors over the ranks, in place, in one collective: afterwards every rank
+    holds the same values."""
+    if dist.is_initialized() and tensors:
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)                                   # Σ over ranks (gloo has no mean)
+        if mean:
+            flat /= dist.get_world_size()
+        for t, f in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(f.view_as(t))
+
+
+def grads_of(*modules):
+    """The .grad of every parameter of the modules that has one."""
+    return [p.grad for m in modules for p in m.parameters() if p.grad is not None]
+
+
+def any_rank(value, device):
+    """The largest of the ranks' integer values (e.g. a signal number, 0 for none)."""
+    if not dist.is_initialized():
+        return value
+    flag = torch.tensor(value, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag)
+
+
+def gather(obj):
+    """[every rank's obj] (picklable; tensors on the CPU), on every rank; [obj] in a single process."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# the run directory: what train.py writes into out_dir, --overwrite and --resume. A run's files are
+# only ever replaced whole (data.atomic_write for config.json, summary.json and ckpt.pt), and
+# log.jsonl is cut back to the checkpoint on --resume.
+
+RUN_FILES = ("config.json", "log.jsonl", "summary.json", "ckpt.pt", "weighters")   # what train.py writes
+
+
+def run_files(out_dir):
+    """The files and folders of RUN_FILES that out_dir holds."""
+    return [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
+
+
+def remove_run_files(out_dir, names):
+    """--overwrite: remove only what an earlier run of train.py wrote (RUN_FILES), nothing else."""
+    for f in names:
+        path = os.path.join(out_dir, f)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+
+
+def truncate_log(path, step):
+    """On resume: keep the log records up to the checkpoint's step (atomically)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+def prepare_out_dir(cfg):
+    """A fresh run refuses an out_dir holding another run, unless --overwrite (which removes only the
+    files train.py writes); --resume keeps everything and cuts log.jsonl back to the checkpoint."""
+    found = run_files(cfg["out_dir"])
+    if found and not cfg["resume"] and not cfg["overwrite"]:
+        raise ConfigError(f"--out_dir: {cfg['out_dir']} holds another run ({', '.join(found)}): continue it "
+                          "with --resume, or replace it with --overwrite")
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -932,7 +1192,7 @@ def check(cfg):
     for k, choices in (("method", METHODS), ("filter", ("importance", "without_replacement", "top")),
                        ("soba_v_optim", ("adam", "sgd")), ("doc_mode", ("chunk", "first"))):
         need(cfg[k] in choices, k, f"expected one of {', '.join(choices)}")
-    need(cfg["method"] not in SELECTING or cfg["batch_size"] <= cfg["big_batch_size"], "batch_size",
+    need(not METHODS[cfg["method"]].selects or cfg["batch_size"] <= cfg["big_batch_size"], "batch_size",
          f"must be at most --big_batch_size={cfg['big_batch_size']}")
     for k in ("batch_size", "big_batch_size", "specific_batch_size"):     # global sizes: 1/N per rank
         need(cfg[k] % ranks()[1] == 0, k, f"must be divisible by the {ranks()[1]} processes of torchrun")
@@ -947,18 +1207,6 @@ def check(cfg):
     need(cfg["method"] != "frozen" or cfg["weighter_ckpt"], "weighter_ckpt", "--method=frozen needs a run")
     need(cfg["method"] != "shuffled" or cfg["weighter_trajectory"], "weighter_trajectory",
          "--method=shuffled needs a run dir that saved weighters/")
-
-
-def prepare_out_dir(cfg):
-    # (a run's files are only ever replaced whole: atomic_write for config.json, summary.json and
-    # ckpt.pt, and log.jsonl cut back to the checkpoint on --resume)
-    """A fresh run refuses an out_dir holding another run, unless --overwrite (which removes only the
-    files train.py writes); --resume keeps everything and cuts log.jsonl back to the checkpoint."""
-    found = data.run_files(cfg["out_dir"])
-    if found and not cfg["resume"] and not cfg["overwrite"]:
-        raise ConfigError(f"--out_dir: {cfg['out_dir']} holds another run ({', '.join(found)}): continue it "
-                          "with --resume, or replace it with --overwrite")
-    return found
 
 
 def run(cfg, defaults):
@@ -977,7 +1225,7 @@ def run(cfg, defaults):
         os.makedirs(cfg["out_dir"], exist_ok=True)
         if cfg["resume"]:
             truncate_log(os.path.join(cfg["out_dir"], "log.jsonl"), start)
-        data.remove_run_files(cfg["out_dir"], [] if cfg["resume"] else found)    # --overwrite
+        remove_run_files(cfg["out_dir"], [] if cfg["resume"] else found)    # --overwrite
         write_json(os.path.join(cfg["out_dir"], "config.json"), cfg)
     n_params = sum(p.numel() for p in ctx.model.parameters())
     print(f"{cfg['method']} | θ: {n_params / 1e6:.2f}M params | {ctx.device} | generic "

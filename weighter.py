@@ -187,17 +187,12 @@ def load_weighter(path, flag="--weighter_ckpt"):
 
 def save_snapshot(weighter, step, cfg):
     """α_t to out_dir/weighters/step_t.pt (a few 100 kB), with what load_weighter needs of the config,
-    when it is due: every save_weighter_every steps of pretraining (0: at every evaluation; < 0: never),
-    for `shuffled` replays (section 6.1)."""
-    every, out_dir = cfg["save_weighter_every"], cfg["out_dir"]
-    due = step % every == 0 if every > 0 else (step % cfg["eval_interval"] == 0 or step == cfg["max_steps"])
-    if not (due and every >= 0 and step <= cfg["max_steps"]):
-        return
-    os.makedirs(os.path.join(out_dir, "weighters"), exist_ok=True)
+    for `shuffled` replays (section 6.1). The training loop decides when one is due."""
+    os.makedirs(os.path.join(cfg["out_dir"], "weighters"), exist_ok=True)
     snap = {"step": step, "weighter": weighter.state_dict(),
             "config": {k: cfg[k] for k in ("method", "weighter_dim", "weighter_kernel", "seq_len")}}
     # atomic: a snapshot is whole or absent
-    atomic_write(os.path.join(out_dir, "weighters", f"step_{step}.pt"), lambda p: torch.save(snap, p))
+    atomic_write(os.path.join(cfg["out_dir"], "weighters", f"step_{step}.pt"), lambda p: torch.save(snap, p))
 
 
 class Replay:

@@ -48,9 +48,7 @@ def tiny_cfg(method, out_dir, *extra):
 def advance(ctx, start, stop):
     """Steps start..stop-1 of the method, as train.run's loop takes them (lr schedule included)."""
     for step in range(start, stop):
-        for g in ctx.opt.param_groups:
-            g["lr"] = train.lr_at(step, ctx.cfg)
-        train.METHODS[ctx.cfg["method"]](ctx, step)
+        train.train_step(ctx, step)
 
 
 def tiny_model(seed=0):
@@ -112,7 +110,7 @@ def test_cds_keeps_the_top_b_of_minus_delta_within_B(tmp_path):
     rng = ctx.generic_sampler.state_dict()["rng"]
     idx_B = ctx.generic_sampler.sample(cfg["big_batch_size"])    # the B that step 3 will draw
     ctx.generic_sampler.load_state_dict({"rng": rng})
-    idx_S = train.METHODS["cds"](ctx, 3)
+    idx_S = train.train_step(ctx, 3).idx
     delta = ctx.cds["delta"]
     assert torch.equal(delta[idx_S].sort().values, delta[idx_B].sort().values[: cfg["batch_size"]])
 
@@ -163,7 +161,7 @@ def test_classifier_keeps_the_top_b_logits_within_B(tmp_path):
     ctx.generic_sampler.sample(cfg["specific_batch_size"])      # the classifier's generic half
     idx_B = ctx.generic_sampler.sample(cfg["big_batch_size"])    # then the B of step 3
     ctx.generic_sampler.load_state_dict({"rng": rng})
-    idx_S = train.METHODS["classifier"](ctx, 3)
+    idx_S = train.train_step(ctx, 3).idx
     with torch.no_grad():
         logit = ctx.weighter(ctx.generic.train.x)                               # (N,) after the step
     top_b = logit[idx_B].sort(descending=True).values[: cfg["batch_size"]]
@@ -258,7 +256,7 @@ def test_mwn_step_filters_B_by_the_mlp_of_the_main_models_losses(tmp_path):
     rng = ctx.generic_sampler.state_dict()["rng"]
     idx_B = ctx.generic_sampler.sample(cfg["big_batch_size"])
     ctx.generic_sampler.load_state_dict({"rng": rng})
-    idx_S = train.METHODS["mwn"](ctx, 3)
+    idx_S = train.train_step(ctx, 3).idx
     with torch.no_grad():
         s_B = ctx.weighter(hand_losses(theta, ctx.generic.train.x[idx_B]))    # mlp(ℓ(x; θ); α) on B
         s_S = ctx.weighter(hand_losses(theta, ctx.generic.train.x[idx_S]))

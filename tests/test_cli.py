@@ -119,8 +119,8 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
         if step == 5:     # a NaN in θ: the loss and the gradient of step 5 are NaN
             with torch.no_grad():
                 next(ctx.model.parameters()).fill_(float("nan"))
-        return original(ctx, step)
-    monkeypatch.setitem(train.METHODS, "baseline", poisoned)
+        return original.step(ctx, step)
+    monkeypatch.setitem(train.METHODS, "baseline", train.Method(poisoned))
     out = tmp_path / "out"
     assert train.main([f"--out_dir={out}", *TINY, "--method=baseline", "--max_steps=20"]) == 2
     ck = torch.load(out / "ckpt.pt", weights_only=True)

@@ -69,10 +69,7 @@ def make_ctx(method, out_dir):
 
 def take_step(ctx, step):
     """One pretraining step as train.train_loop takes it."""
-    for group in ctx.opt.param_groups:
-        group["lr"] = train.lr_at(step, ctx.cfg)
-    ctx.step = step
-    return train.METHODS[ctx.cfg["method"]](ctx, step)
+    return train.train_step(ctx, step).idx
 
 
 def recording(seen, name, f):

@@ -285,7 +285,7 @@ def test_compare_draws_the_pretraining_curves_and_the_target(tmp_path, monkeypat
         assert diagnose.main(["compare", f"--runs={base},{soba}", f"--out={tmp_path / 'cmp.md'}"]) == 0
     [(path, [(_, ylabel, curves, level)])] = drawn
     assert path == str(tmp_path / "cmp.png") and ylabel == "specific_valid_loss" and level == 1.6
-    points = {label: [(r["step"], value(r)) for r in records] for label, (records, value) in curves.items()}
+    points = {label: list(zip(steps, values)) for label, (steps, values) in curves.items()}
     assert points == {"baseline: base": [(100, 2.0), (200, 1.8), (300, 1.6)],     # no fine-tuning record
                       "soba: soba": [(100, 1.9), (200, 1.5), (300, 1.3)]}
     if importlib.util.find_spec("matplotlib"):
@@ -734,7 +734,7 @@ def test_shuffled_replays_the_trajectory_in_a_permutation(soba_run, corpora, tmp
     snaps = [torch.load(p, weights_only=True)["weighter"] for p in ctx.replay.files]
     assert ctx.replay.sigma.tolist() == [1, 0]                        # seed 2: not the identity, so order matters
     for step in range(6):
-        train.METHODS["shuffled"](ctx, step)
+        train.train_step(ctx, step)
         want = snaps[int(ctx.replay.sigma[step * 2 // 6])]            # 2 snapshots → 2 segments of 3 steps
         assert all(torch.equal(ctx.weighter.state_dict()[k], v) for k, v in want.items())
     assert not torch.equal(snaps[0]["head.weight"], snaps[1]["head.weight"])   # the replay is not trivial

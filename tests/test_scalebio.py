@@ -145,9 +145,7 @@ def cfg_for(tmp_path, **kw):
 
 def run_steps(ctx, steps):
     for step in steps:
-        for g in ctx.opt.param_groups:
-            g["lr"] = train.lr_at(step, ctx.cfg)
-        train.METHODS[ctx.cfg["method"]](ctx, step)
+        train.train_step(ctx, step)
 
 
 def block_of(name):

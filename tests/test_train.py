@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import data
-import model
 import train
 
 # ----------------------------------------------------------------------------------------------
@@ -109,13 +108,13 @@ def without_timing(records):
 def sigterm_during_stop_check(monkeypatch, step):
     """A real SIGTERM to this process at the worst moment: while train_loop agrees on a stop at the end
     of `step` (inside any_rank, after this step's flag was read). The run must stop after step + 1."""
-    calls = []
+    calls, original_any_rank = [], train.any_rank
 
     def any_rank(value, device):
         calls.append(value)
         if len(calls) == step:
             os.kill(os.getpid(), signal.SIGTERM)     # train.run's handler sets the flag
-        return model.any_rank(value, device)
+        return original_any_rank(value, device)
     monkeypatch.setattr(train, "any_rank", any_rank)
 
 

@@ -84,10 +84,7 @@ def make_ctx(method, tmp_path, *extra):
 
 def take_step(ctx, step):
     """One step of Algorithm 1 as train.train_loop takes it (θ's lr schedule first)."""
-    for group in ctx.opt.param_groups:
-        group["lr"] = train.lr_at(step, ctx.cfg)
-    ctx.step = step
-    return train.step_sparse(ctx, step)
+    return train.train_step(ctx, step).idx
 
 
 def snapshot(ctx):
