@@ -6,7 +6,8 @@ Everything the rest of the code sees is a byte-level `Examples` set: a
 source id and a document id per row. A `Corpus` bundles train/valid/test.
 
 Two kinds of corpora:
-  * `load_corpus(spec, ...)`   reads .txt / .jsonl / .jsonl.gz files from disk.
+  * `load_corpus(spec, ...)`   reads .txt / .jsonl / .jsonl.gz files from disk; with a cache
+    directory, through a prepared copy (flat files mapped with np.memmap, built once).
   * `builtin_corpora(seed,...)` builds a small synthetic generic + specific
     pair whose ideal training distribution is known by construction, so the
     whole method can be run (and checked) with no files at all.
@@ -15,16 +16,31 @@ Two kinds of corpora:
 n i.i.d. uniform draws from D, with its own resumable random generator.
 """
 
+import argparse
+import contextlib
+import fcntl       # the build's file lock (POSIX)
 import glob
 import gzip
 import hashlib
+import html
+import inspect
+import itertools
 import json
 import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 SPLITS = ("train", "valid", "test")
 SUFFIXES = (".jsonl.gz", ".jsonl", ".txt")   # longest first: ".jsonl.gz" before ".jsonl"
@@ -153,21 +169,25 @@ def resolve_files(spec: str, flag: str = "--generic") -> list[str]:
     return list(dict.fromkeys(files))
 
 
-def _read_txt(path: str):
-    # one document per file; yields (text, source, split) like _read_jsonl
+def _read_txt(path: str, progress=None):
+    # one document per file; yields (text, source, split) like _read_jsonl (progress: the caller's)
     with open(path, "rb") as f:
         raw = f.read()
     name = os.path.basename(path)[: -len(".txt")]
     yield raw.decode("utf-8", errors="replace"), name, None
 
 
-def _read_jsonl(path: str):
+def _read_jsonl(path: str, progress=None):
     # one JSON record per line: {"text": str, "source": str?, "split": str?}
     name = os.path.basename(path)[: -len(_suffix(path))]
     opener = gzip.open if path.endswith(".gz") else open
     n_records = 0
     with opener(path, "rb") as f:
+        raw, at = getattr(f, "fileobj", f), 0      # the file on disk (under gzip): bytes read = raw.tell()
         for lineno, line in enumerate(f, 1):
+            if progress is not None and lineno % 4096 == 0:
+                progress(raw.tell() - at)
+                at = raw.tell()
             if not line.strip():
                 continue  # blank lines are skipped
             where = f"{path}:{lineno}"
@@ -188,13 +208,14 @@ def _read_jsonl(path: str):
         raise DataError(f"{path}: empty file (no records)")
 
 
-def read_documents(path: str, with_text: bool = False, hash_splits: bool = True):
+def read_documents(path: str, with_text: bool = False, hash_splits: bool = True, progress=None):
     """Yields (bytes, source, split) for each non-empty document of one file;
     split is one of SPLITS (a record's own "split", else the hash split; with
     hash_splits=False, None when the record gives none). Any problem becomes a
     one-line DataError.
     with_text: (bytes, source, split, text), text as read (what `diagnose.py
-    select` writes out), bytes its normalised encoding (what the models read)."""
+    select` writes out), bytes its normalised encoding (what the models read).
+    progress: called now and then with the bytes of the file read since its last call."""
     if not _suffix(path):
         raise DataError(f"{path}: unsupported file type (expected .txt, .jsonl or .jsonl.gz)")
     reader = _read_txt if path.endswith(".txt") else _read_jsonl
@@ -202,7 +223,7 @@ def read_documents(path: str, with_text: bool = False, hash_splits: bool = True)
     try:
         if os.path.isfile(path) and os.path.getsize(path) == 0:
             raise DataError(f"{path}: empty file")
-        for text, source, split in reader(path):
+        for text, source, split in reader(path, progress):
             b = encode(text)
             n_chars, n_bad = n_chars + len(text), n_bad + _n_bad(text, b)
             if not b or b.isspace():
@@ -225,20 +246,26 @@ def _one_line(e) -> str:
     return " ".join(str(e).split())
 
 
-def load_corpus(spec: str, seq_len: int, doc_mode: str = "chunk", flag: str = "--generic") -> Corpus:
+def load_corpus(spec: str, seq_len: int, doc_mode: str = "chunk", flag: str = "--generic",
+                cache: str = "off", workers: int = 0) -> Corpus:
     """Read every file of `spec` (see resolve_files) into a byte-level Corpus.
     Sources are sorted by name; doc_id counts documents in reading order over
-    all files and splits. Raises DataError on any bad input."""
+    all files and splits. Raises DataError on any bad input.
+    cache: a --data_cache value ("" = the user's cache directory): the same Corpus, from a prepared
+    copy of the files there (load_prepared, built by `workers` processes); "off": read into memory."""
     if doc_mode not in ("first", "chunk"):
         raise DataError(f"{flag}: unknown doc_mode {doc_mode!r} (expected 'first' or 'chunk')")
     if seq_len < 1:
         raise DataError(f"{flag}: seq_len must be >= 1, got {seq_len}")
+    files = resolve_files(spec, flag)
+    if cache != "off":
+        return load_prepared(files, spec, seq_len, doc_mode, flag, cache_root(cache), workers)
     # per split: window bytes, and per document (source name index, doc id, n windows)
     data = {s: [] for s in SPLITS}
     docs = {s: [] for s in SPLITS}
     names = {}  # source name -> index in order of first appearance
     n_docs = 0
-    for path in resolve_files(spec, flag):
+    for path in files:
         for b, source, given in read_documents(path, hash_splits=False):
             split = given or hash_split(b)
             chunk, n = windows(b, seq_len, doc_mode)
@@ -272,6 +299,198 @@ def load_corpus(spec: str, seq_len: int, doc_mode: str = "chunk", flag: str = "-
     return Corpus(build("train"), build("valid"), build("test"), sources, spec)
 
 
+# -----------------------------------------------------------------------------
+# prepared pools: a corpus read once into flat files that every later run maps (nanoGPT's train.bin)
+#
+# A prepared copy is one directory of the cache: per split, `SPLIT.x` ((N, seq_len) uint8 windows) and
+# `SPLIT.source_id`, `SPLIT.doc_id` ((N,) int64), raw; then manifest.json (the inputs' paths, sizes and
+# modification times, seq_len, doc_mode, FORMAT; the sources and the row counts). A run maps the files
+# with np.memmap: it reads only the pages of the rows it draws, and the OS page cache holds them once for
+# all the processes that map them (torchrun's ranks). Disk: N · (seq_len + 16) bytes.
+
+FORMAT = 1          # the copy's layout and split rule: a new value rebuilds every prepared copy
+POOLS = "adaptive-training-pools"   # the cache's subdirectory
+BLOCK = 1 << 22     # bytes of windows buffered before a write, and copied at a time (bounded memory)
+IDS = ("source_id", "doc_id")
+
+
+def cache_root(cache: str) -> str:
+    """--data_cache: a directory, or "" for the user's cache directory ($XDG_CACHE_HOME, else ~/.cache)."""
+    return os.path.expanduser(cache or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", POOLS))
+
+
+def load_prepared(files: list, spec: str, seq_len: int, doc_mode: str, flag: str, root: str,
+                  workers: int = 0) -> Corpus:
+    """load_corpus(spec, ...) from its prepared copy under root, built first when it is missing or stale
+    (an input's size or modification time, a setting or FORMAT changed). One process builds, under a file
+    lock; one that comes while it builds waits, then maps the new copy."""
+    # what identifies an input's version: [absolute path, size, modification time in ns]
+    stats = [[os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in files]
+    want = {"format": FORMAT, "seq_len": seq_len, "doc_mode": doc_mode, "files": stats}
+    # one directory per (file list, settings), named for people who look into the cache
+    key = hashlib.sha1(json.dumps([want["files"][i][0] for i in range(len(files))]).encode()).hexdigest()
+    name = re.sub(r"[^\w.-]", "_", os.path.basename(spec.rstrip("/")))[:40]
+    path = os.path.join(root, f"{name}-{seq_len}-{doc_mode}-f{FORMAT}-{key[:12]}")
+    manifest = _manifest(path, want)
+    if manifest is None:
+        try:
+            os.makedirs(root, exist_ok=True)
+            with open(path + ".lock", "a") as lock:
+                # one process builds: the others wait here (the lock goes with the file, or the process)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                manifest = _manifest(path, want)      # another process may have built it meanwhile
+                if manifest is None:
+                    manifest = _build(path, files, want, spec, flag, workers)
+        except OSError as e:
+            raise DataError(f"--data_cache: cannot write in {root} ({_one_line(e)}); DIR or off") from None
+    return Corpus(*(_mapped(path, s, manifest) for s in SPLITS), manifest["sources"], spec)
+
+
+def _manifest(path: str, want: dict):
+    # the prepared copy's manifest if it is complete (written last) and matches `want`, else None
+    try:
+        with open(os.path.join(path, "manifest.json")) as f:
+            m = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return m if all(m.get(k) == v for k, v in want.items()) else None
+
+
+def _mapped(path: str, split: str, m: dict) -> Examples:
+    # copy-on-write maps ("c"): writable for torch.from_numpy, never written back, read as touched
+    n, L = m["rows"][split], m["seq_len"]
+    arrays = []
+    for k, dtype, shape in zip(("x", *IDS), (np.uint8, np.int64, np.int64), ((n, L), (n,), (n,))):
+        f = os.path.join(path, f"{split}.{k}")
+        # an empty file cannot be mapped: np.fromfile reads its nothing
+        arrays.append(np.memmap(f, dtype, "c", 0, shape) if n else np.fromfile(f, dtype).reshape(shape))
+    return Examples(*(torch.from_numpy(a) for a in arrays), m["sources"])       # (N, L), (N,), (N,)
+
+
+def _build(path: str, files: list, want: dict, spec: str, flag: str, workers: int) -> dict:
+    """Prepare `files` into path, under the lock: each file into its own part (_prepare_file, in
+    parallel), then the parts joined in file order by load_corpus's rules (_join). Everything is written
+    into path.tmpPID, renamed to path at the end: an interrupted build leaves no copy that a run uses."""
+    for old in glob.glob(glob.escape(path) + ".tmp*"):       # what an interrupted build left
+        shutil.rmtree(old, ignore_errors=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        os.makedirs(os.path.join(tmp, "parts"))
+        parts = [os.path.join(tmp, "parts", str(i)) for i in range(len(files))]
+        results = _prepare_parts(files, parts, want["seq_len"], want["doc_mode"], workers)
+        manifest = dict(want, **_join(results, parts, tmp, want["seq_len"]))
+        if manifest["rows"]["train"] == 0:
+            raise DataError(f"{flag}: {spec}: no training examples ({sum(r['n_docs'] for r in results)} "
+                            "documents, none in the train split)")
+        shutil.rmtree(os.path.join(tmp, "parts"))
+        write_json(os.path.join(tmp, "manifest.json"), manifest)
+        shutil.rmtree(path, ignore_errors=True)   # a stale copy (a run that maps it keeps its pages)
+        os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _prepare_file(path: str, prefix: str, seq_len: int, doc_mode: str, progress=None) -> dict:
+    """One file's documents into prefix.SPLIT.{x,source_id,doc_id}, streaming, cut as load_corpus cuts
+    them. Returns what joining the parts needs: the file's sources (first-seen order), its documents, its
+    rows per split, the sources with a train document, and, per source, its hash-split valid/test
+    documents (how many; where the first is: split, row, windows): load_corpus's small-set rule."""
+    rows = dict.fromkeys(SPLITS, 0)
+    names, in_train, held, n_docs = {}, set(), {}, 0
+    with contextlib.ExitStack() as stack:
+        out = {s: [stack.enter_context(open(f"{prefix}.{s}.{k}", "wb", buffering=BLOCK)) for k in ("x", *IDS)]
+               for s in SPLITS}
+        for b, source, given in read_documents(path, hash_splits=False, progress=progress):
+            split = given or hash_split(b)
+            k = names.setdefault(source, len(names))
+            chunk, n = windows(b, seq_len, doc_mode)
+            if split == "train":
+                in_train.add(k)
+            elif given is None:
+                held.setdefault(k, [0, (split, rows[split], n)])[0] += 1
+            out[split][0].write(chunk)                              # (n, seq_len) bytes
+            out[split][1].write(np.int64(k).tobytes() * n)          # (n,) int64: the windows share k
+            out[split][2].write(np.int64(n_docs).tobytes() * n)     # (n,) int64: and the doc id
+            rows[split] += n
+            n_docs += 1
+    return {"names": list(names), "n_docs": n_docs, "rows": rows, "in_train": in_train, "held": held}
+
+
+def _prepare_parts(files: list, parts: list, seq_len: int, doc_mode: str, workers: int) -> list:
+    """_prepare_file for each file, in `workers` processes (0: one a file, at most one a CPU), under a
+    progress bar in bytes read from disk: a file at a time, or as it is read with one process."""
+    workers = min(len(files), workers or os.cpu_count() or 1)
+    sizes = [os.path.getsize(f) for f in files]
+    bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc=f"preparing {len(files)} file(s)")
+    jobs = [(f, p, seq_len, doc_mode) for f, p in zip(files, parts)]
+    results = []
+    if workers == 1:
+        for job, end in zip(jobs, itertools.accumulate(sizes)):
+            results.append(_prepare_file(*job, bar.update))
+            bar.update(end - bar.n)         # the rest of the file
+    else:       # processes: a file each, in turn
+        with ProcessPoolExecutor(workers) as pool:
+            for r, size in zip(pool.map(_prepare_file, *zip(*jobs)), sizes):    # in file order
+                results.append(r)
+                bar.update(size)
+    bar.close()
+    return results
+
+
+def _join(results: list, parts: list, out: str, seq_len: int) -> dict:
+    """The parts into out/SPLIT.*, rows in load_corpus's order: each split's documents in file order,
+    then the documents the small-set rule moves to train (_moved) at the end of train. Source ids become
+    indices into the sorted names, doc ids count documents over all files. Returns sources and rows."""
+    names = list(dict.fromkeys(n for r in results for n in r["names"]))      # first-seen order over files
+    sources = sorted(names)
+    remaps = [np.array([sources.index(n) for n in r["names"]], dtype=np.int64) for r in results]
+    first_doc = np.cumsum([0] + [r["n_docs"] for r in results])              # each file's first doc id
+    moved = _moved(results, names)                                            # [(part, split, row, n)]
+    rows = {}
+    for split in SPLITS:
+        with contextlib.ExitStack() as stack:
+            dst = [stack.enter_context(open(os.path.join(out, f"{split}.{k}"), "wb")) for k in ("x", *IDS)]
+            for p, r in enumerate(results):
+                # the part's rows [lo, row), then the n rows of a document moved to train are skipped
+                skip = sorted((row, n) for q, s, row, n in moved if (q, s) == (p, split))
+                lo = 0
+                for row, n in skip + [(r["rows"][split], 0)]:
+                    _copy_rows(dst, f"{parts[p]}.{split}", lo, row, seq_len, remaps[p], first_doc[p])
+                    lo = row + n
+            if split == "train":
+                for p, s, row, n in moved:
+                    _copy_rows(dst, f"{parts[p]}.{s}", row, row + n, seq_len, remaps[p], first_doc[p])
+            rows[split] = dst[1].tell() // 8
+    return {"sources": sources, "rows": rows}
+
+
+def _moved(results: list, names: list) -> list:
+    """load_corpus's small-set rule on the parts' summaries: a source with no train document and >= 2
+    hash-split valid/test ones has its first (lowest doc id) moved to train. [(part, split, row, n)]"""
+    k_of = {n: k for k, n in enumerate(names)}
+    in_train, count, first = set(), {}, {}
+    for p, r in enumerate(results):
+        in_train.update(k_of[r["names"][j]] for j in r["in_train"])
+        for j, (c, where) in r["held"].items():
+            k = k_of[r["names"][j]]
+            count[k] = count.get(k, 0) + c
+            first.setdefault(k, (p, *where))       # the earliest file holds the lowest doc id
+    # load_corpus's very set expression: the order it iterates in is the order of the moved rows in train
+    return [first[k] for k in set(range(len(names))) - in_train if count.get(k, 0) >= 2]
+
+
+def _copy_rows(dst: list, part: str, lo: int, hi: int, seq_len: int, remap, first_doc: int):
+    # rows [lo, hi) of a part's split appended to dst (x, source_id, doc_id), a block at a time; source
+    # ids: the file's first-seen order -> the sorted names; doc ids: the file's -> over all files
+    step = max(1, BLOCK // seq_len)
+    for a in range(lo, hi, step):
+        n = min(hi, a + step) - a
+        np.fromfile(f"{part}.x", np.uint8, n * seq_len, offset=a * seq_len).tofile(dst[0])   # (n * L,)
+        remap[np.fromfile(f"{part}.source_id", np.int64, n, offset=8 * a)].tofile(dst[1])   # (n,)
+        (np.fromfile(f"{part}.doc_id", np.int64, n, offset=8 * a) + first_doc).tofile(dst[2])   # (n,)
+
+
 def load_data(cfg: dict, pool_needed: int = 1):
     """train.py's corpora from its settings: (generic Corpus, [specific Corpus, ...], info) from the
     --generic and --specific specs, or the built-in corpus when both are empty. `;` in --specific
@@ -287,10 +506,14 @@ def load_data(cfg: dict, pool_needed: int = 1):
     elif not generic or not specific:
         raise DataError("--generic and --specific: give both (or neither, for the built-in corpus)")
     else:
-        g = load_corpus(generic, seq_len, doc_mode, flag="--generic")
-        specifics = [load_corpus(spec, seq_len, doc_mode, flag="--specific") for spec in specific.split(";")]
+        # through prepared copies in --data_cache (mapped, built once), or read into memory ("off")
+        g = load_corpus(generic, seq_len, doc_mode, "--generic", cfg["data_cache"], cfg["data_workers"])
+        specifics = [load_corpus(s, seq_len, doc_mode, "--specific", cfg["data_cache"], cfg["data_workers"])
+                     for s in specific.split(";")]
         info = {}
-    if cfg["noise_sources"]:   # the denoising setting: the generic corpus re-labelled into K noisy sources
+    # the denoising setting: the generic corpus re-labelled into K noisy sources. It reads the whole pool
+    # and holds a corrupted copy in memory (a prepared pool's memory map is not enough here)
+    if cfg["noise_sources"]:
         g, info = noisy_corpus(g, cfg["noise_sources"], seed), {}
     for s in specifics:
         if cfg["specific_train_docs"]:
@@ -575,3 +798,144 @@ def noisy_sources(examples: Examples, K: int, seed: int) -> Examples:
     x = torch.where(keep, x, noise)
     names = [f"s{k}_noise{r:.1f}" for k, r in enumerate(rates.tolist())]
     return Examples(x, source_id, examples.doc_id.clone(), names)
+
+
+# -----------------------------------------------------------------------------
+# the paper's data, a benchmark, the command line: python data.py {c4,reuters,prepare,bench} --help
+
+C4_URL = "https://huggingface.co/datasets/allenai/c4/resolve/main/en/c4-train.{:05d}-of-01024.json.gz"
+REUTERS_URL = "https://kdd.ics.uci.edu/databases/reuters21578/reuters21578.tar.gz"
+
+
+def get_c4(out: str = "c4", docs: int = 100000, first_bytes: int = 0, shards: str = "") -> int:
+    """The first `docs` documents of C4's English training shards (C4_URL, streamed one after the other;
+    or the local .json.gz files of the comma list `shards`) as out/c4-NNNNN.jsonl.gz, records
+    {"text", "source": "c4"}. first_bytes > 0 keeps a document's first first_bytes bytes as encode() makes
+    them, whole characters: the paper's examples are the first 256 (seq_len=256, doc_mode=first)."""
+    os.makedirs(out, exist_ok=True)
+    sources = shards.split(",") if shards else [C4_URL.format(i) for i in range(1024)]
+    done = 0
+    for i, src in enumerate(sources[:docs]):       # a shard gives at least one document
+        path = os.path.join(out, f"c4-{i:05d}.jsonl.gz")
+        with _open(src) as raw, gzip.open(raw, "rt", encoding="utf-8") as lines:
+            with gzip.open(path + ".tmp", "wt", encoding="utf-8") as f:
+                for line in itertools.islice(lines, docs - done):
+                    text = json.loads(line)["text"]        # C4's records: {"text", "timestamp", "url"}
+                    if first_bytes:
+                        text = encode(text)[:first_bytes].decode("utf-8", errors="ignore")
+                    f.write(json.dumps({"text": text, "source": "c4"}) + "\n")
+                    done += 1
+        os.replace(path + ".tmp", path)
+        if done == docs:
+            break
+    return done
+
+
+def get_reuters(out: str = "reuters", archive: str = "") -> dict:
+    """Reuters-21578 (REUTERS_URL, downloaded; or `archive`, a local copy of that .tar.gz) as
+    out/reuters21578.jsonl.gz with the ModApte split: the documents with TOPICS="YES", those with
+    LEWISSPLIT="TRAIN" in train, "TEST" in valid and test in turn; the others are left out. A document
+    is its TITLE and BODY, SGML entities decoded. Returns the documents per split."""
+    os.makedirs(out, exist_ok=True)
+    counts, path = dict.fromkeys(SPLITS, 0), os.path.join(out, "reuters21578.jsonl.gz")
+    # the archive streamed ("r|gz"): its members in their order, reut2-000.sgm to reut2-021.sgm
+    with _open(archive or REUTERS_URL) as raw, tarfile.open(fileobj=raw, mode="r|gz") as tar, gzip.open(
+            path + ".tmp", "wt", encoding="utf-8") as f:
+        for member in (m for m in tar if m.name.endswith(".sgm")):
+            sgm = tar.extractfile(member).read().decode("latin-1")
+            for attributes, doc in re.findall(r"<REUTERS([^>]*)>(.*?)</REUTERS>", sgm, re.S):
+                a = dict(re.findall(r'(\w+)="([^"]*)"', attributes))
+                text = " ".join(_sgml(doc, tag) for tag in ("TITLE", "BODY")).strip()
+                if a.get("TOPICS") != "YES" or a.get("LEWISSPLIT") not in ("TRAIN", "TEST") or not text:
+                    continue
+                # ModApte's test documents alternate: valid, test, valid, ...
+                n_test = counts["valid"] + counts["test"]
+                split = "train" if a["LEWISSPLIT"] == "TRAIN" else SPLITS[1 + n_test % 2]
+                f.write(json.dumps({"text": text, "source": "reuters21578", "split": split}) + "\n")
+                counts[split] += 1
+    os.replace(path + ".tmp", path)
+    return counts
+
+
+def _sgml(doc: str, tag: str) -> str:
+    # an SGML element's text, entities (&lt;, &#3;) decoded, control characters dropped; "" if absent
+    m = re.search(f"<{tag}>(.*?)</{tag}>", doc, re.S)
+    return re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", "", html.unescape(m.group(1))) if m else ""
+
+
+def _open(src: str):
+    # a URL (the standard library's urllib) or a local file, opened for reading bytes
+    return urllib.request.urlopen(src, timeout=60) if "://" in src else open(src, "rb")
+
+
+def prepare(spec: str = "", seq_len: int = 128, doc_mode: str = "first", data_cache: str = "",
+            data_workers: int = 0, draws: int = 100) -> dict:
+    """Prepare a corpus (once, e.g. before torchrun) or map its prepared copy, then draw `draws` batches of
+    512 training rows; returns the rows, the load's seconds and the process's RssAnon (MiB)."""
+    t = time.perf_counter()
+    c = load_corpus(spec, seq_len, doc_mode, "--spec", data_cache, data_workers)
+    load_s = time.perf_counter() - t
+    sampler, total = Sampler(len(c.train), 0), 0
+    for _ in range(draws):
+        total += int(c.train.x[sampler.sample(512)].sum())     # a batch gathered from the pool
+    # the process's anonymous memory (its heap; not the file pages that a map reads), Linux only
+    with open("/proc/self/status") as f:
+        rss = next((int(line.split()[1]) // 1024 for line in f if line.startswith("RssAnon:")), None)
+    return {"rows": {s: len(getattr(c, s)) for s in SPLITS}, "load_s": round(load_s, 3), "rss_anon_mb": rss}
+
+
+def bench(docs: int = 100000, dir: str = "/tmp/pool_bench", seq_len: int = 128, doc_mode: str = "chunk",
+          data_workers: int = 0) -> dict:
+    """A synthetic corpus of `docs` documents (1.5-2.3 KB of letters and spaces, 8 .jsonl.gz files, kept
+    in dir for the next bench) loaded by fresh processes: into memory (no cache), prepared, mapped again."""
+    spec = _synthetic(os.path.join(dir, f"docs{docs}"), docs)
+    # each process draws 100 batches of 512 rows after the load
+    shutil.rmtree(os.path.join(dir, "cache"), ignore_errors=True)
+    out = {"docs": docs, "MiB": sum(os.path.getsize(f) for f in resolve_files(spec)) / 2**20}
+    for name, cache in (("in_memory", "off"), ("prepared", f"{dir}/cache"), ("mapped", f"{dir}/cache")):
+        cmd = [sys.executable, os.path.abspath(__file__), "prepare", f"--spec={spec}", f"--seq_len={seq_len}",
+               f"--doc_mode={doc_mode}", f"--data_cache={cache}", f"--data_workers={data_workers}"]
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)    # its bar and errors: shown
+        out[name] = r = json.loads(p.stdout.splitlines()[-1])
+        print(f"{name}: {docs / r['load_s']:.0f} docs/s, {out['MiB'] / r['load_s']:.1f} MiB/s, {r}")
+    return out
+
+
+def _synthetic(path: str, docs: int, files: int = 8) -> str:
+    # docs documents, slices of one long random text (written once, then reused)
+    if not os.path.isdir(path):
+        rng = np.random.default_rng(0)
+        text = "".join(rng.choice(list("etaoinshrdlu     "), 1 << 22))   # (4M,) letters, words of ~4
+        os.makedirs(path + ".tmp", exist_ok=True)
+        for i in range(files):
+            n = len(range(i, docs, files))
+            with gzip.open(f"{path}.tmp/part{i}.jsonl.gz", "wt", compresslevel=1) as f:
+                for start, size in zip(rng.integers(0, len(text) - 2300, n), rng.integers(1500, 2300, n)):
+                    f.write(json.dumps({"text": text[start: start + size]}) + "\n")
+        os.rename(path + ".tmp", path)
+    return path
+
+
+COMMANDS = {"c4": get_c4, "reuters": get_reuters, "prepare": prepare, "bench": bench}
+
+
+def main(argv=None) -> int:
+    """python data.py COMMAND --key=value ...: a command is a function above, its options its arguments."""
+    parser = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, fn in COMMANDS.items():
+        sub = commands.add_parser(name, help=fn.__doc__.split(".")[0], description=fn.__doc__)
+        for p in inspect.signature(fn).parameters.values():
+            sub.add_argument(f"--{p.name}", type=type(p.default), default=p.default)
+    args = vars(parser.parse_args(argv))
+    try:
+        out = COMMANDS[args.pop("command")](**args)
+    except (DataError, OSError, ValueError, KeyError, tarfile.TarError, subprocess.CalledProcessError) as e:
+        print(f"error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+        return 2
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

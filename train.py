@@ -75,6 +75,8 @@ generic = ""            # corpus: file, directory, glob or comma list; "" = the 
 specific = ""           # idem; several specific sets separated by ";" = a multi-task outer loss (App. B)
 specific_train_docs = 0  # keep a fixed random subset (by seed) of N specific training documents; 0 = all
 doc_mode = "first"      # "first": a document's first seq_len bytes (the paper); "chunk": all its windows
+data_cache = ""         # prepared copies of the corpora, mapped by runs: "" = ~/.cache/…; "off" = in RAM
+data_workers = 0        # processes preparing a corpus's files; 0 = one a file, at most one a CPU
 resume = False          # continue the run in out_dir (its saved settings; see --help for what may change)
 overwrite = False       # replace a run in out_dir (removes only the files train.py writes there)
 seed = 0                # every random stream (data draws, filter, init, dropout) derives from it
@@ -186,7 +188,9 @@ def setup(cfg):
     # the precision policy of the module docstring: bf16 autocast around every pass of θ on CUDA
     # (first and second order alike), nothing on the CPU; parameters and optimiser states stay FP32
     ctx.autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16, enabled=cuda)
-    # the examples live on the device; batches are indexed there (the indices come from CPU draws)
+    # the examples live on the device; batches are indexed there (the indices come from CPU draws). On the
+    # CPU, .to is a no-op: a prepared pool stays a memory map, its rows read as drawn (CDS's scoring and
+    # --noise_sources read them all)
     ctx.x_train, ctx.source_train = g.train.x.to(dev), g.train.source_id.to(dev)   # (N, T), (N,)
     ctx.specific_x = [s.train.x.to(dev) for s in specifics]                        # [(N_s, T)]
     ctx.eval_sets = data.eval_sets(g, specifics, ctx.specific_names, cfg["eval_examples"], dev)
@@ -1087,7 +1091,8 @@ class ConfigError(data.DataError):
 
 # settings a resumed run may change without changing what it computes (besides growing
 # finetune_steps, and max_steps while the run is still pretraining)
-RESUMABLE = {"resume", "overwrite", "device", "out_dir", "soba_chunks", "eval_batch_size", "compile"}
+RESUMABLE = {"resume", "overwrite", "device", "out_dir", "soba_chunks", "eval_batch_size", "compile",
+             "data_cache", "data_workers"}
 RANK_LOCAL = ("gen", "torch_rng", "cuda_rng", "counts")      # differ between torchrun's ranks
 
 
@@ -1187,7 +1192,7 @@ def check(cfg):
               "n_hidden", "eval_interval", "eval_batch_size", "weighter_dim", "outer_every", "soba_chunks",
               "max_steps", "cds_finetune_steps", "lisa_interval", "scalebio_alpha"):
         need(cfg[k] > 0, k, "must be positive")
-    for k in ("finetune_steps", "eval_examples", "specific_train_docs", "cds_pretrain_steps"):
+    for k in ("finetune_steps", "eval_examples", "specific_train_docs", "cds_pretrain_steps", "data_workers"):
         need(cfg[k] >= 0, k, "must be non-negative")
     for k, choices in (("method", METHODS), ("filter", ("importance", "without_replacement", "top")),
                        ("soba_v_optim", ("adam", "sgd")), ("doc_mode", ("chunk", "first"))):
