@@ -43,6 +43,15 @@ def random_bytes(b, T=12, seed=0, pad_from=None):
     return x
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cache_in_tmp(tmp_path_factory):
+    """A run on corpus files prepares copies of them in the user's cache directory (data.cache_root, under
+    $XDG_CACHE_HOME): during the tests, a temporary directory (subprocesses inherit it), never ~/.cache."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _restore_signal_handlers():
     """train.run installs SIGINT/SIGTERM handlers; put pytest's back after each in-process run."""
