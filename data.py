@@ -410,8 +410,8 @@ def _prepare_file(path: str, prefix: str, seq_len: int, doc_mode: str, progress=
             elif given is None:
                 held.setdefault(k, [0, (split, rows[split], n)])[0] += 1
             out[split][0].write(chunk)                              # (n, seq_len) bytes
-            out[split][1].write(np.int64(k).tobytes() * n)          # (n,) int64: the windows share k
-            out[split][2].write(np.int64(n_docs).tobytes() * n)     # (n,) int64: and the doc id
+            out[split][1].write(k.to_bytes(8, sys.byteorder) * n)         # (n,) int64: the windows share k
+            out[split][2].write(n_docs.to_bytes(8, sys.byteorder) * n)    # (n,) int64: and the doc id
             rows[split] += n
             n_docs += 1
     return {"names": list(names), "n_docs": n_docs, "rows": rows, "in_train": in_train, "held": held}
