@@ -422,19 +422,20 @@ def _prepare_parts(files: list, parts: list, seq_len: int, doc_mode: str, worker
     progress bar in bytes read from disk: a file at a time, or as it is read with one process."""
     workers = min(len(files), workers or os.cpu_count() or 1)
     sizes = [os.path.getsize(f) for f in files]
-    bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc=f"preparing {len(files)} file(s)")
     jobs = [(f, p, seq_len, doc_mode) for f, p in zip(files, parts)]
     results = []
-    if workers == 1:
-        for job, end in zip(jobs, itertools.accumulate(sizes)):
-            results.append(_prepare_file(*job, bar.update))
-            bar.update(end - bar.n)         # the rest of the file
-    else:       # processes: a file each, in turn
-        with ProcessPoolExecutor(workers) as pool:
-            for r, size in zip(pool.map(_prepare_file, *zip(*jobs)), sizes):    # in file order
-                results.append(r)
-                bar.update(size)
-    bar.close()
+    # on a terminal only (stderr), and gone when done: an error stays the one line it is
+    with tqdm(total=sum(sizes), unit="B", unit_scale=True, desc=f"preparing {len(files)} file(s)",
+              disable=None, leave=False) as bar:
+        if workers == 1:
+            for job, end in zip(jobs, itertools.accumulate(sizes)):
+                results.append(_prepare_file(*job, bar.update))
+                bar.update(end - bar.n)         # the rest of the file
+        else:       # processes: a file each, in turn
+            with ProcessPoolExecutor(workers) as pool:
+                for r, size in zip(pool.map(_prepare_file, *zip(*jobs)), sizes):    # in file order
+                    results.append(r)
+                    bar.update(size)
     return results
 
 
