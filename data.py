@@ -871,7 +871,7 @@ def _open(src: str):
 
 def prepare(spec: str = "", seq_len: int = 128, doc_mode: str = "first", data_cache: str = "",
             data_workers: int = 0, draws: int = 100) -> dict:
-    """Prepare a corpus (once, e.g. before torchrun) or map its prepared copy, then draw `draws` batches of
+    """Prepare a corpus (once: before torchrun, say) or map its prepared copy, then draw `draws` batches of
     512 training rows; returns the rows, the load's seconds and the process's RssAnon (MiB)."""
     t = time.perf_counter()
     c = load_corpus(spec, seq_len, doc_mode, "--spec", data_cache, data_workers)
@@ -925,7 +925,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for name, fn in COMMANDS.items():
-        sub = commands.add_parser(name, help=fn.__doc__.split(".")[0], description=fn.__doc__)
+        sub = commands.add_parser(name, help=fn.__doc__.split(". ")[0], description=fn.__doc__)
         for p in inspect.signature(fn).parameters.values():
             sub.add_argument(f"--{p.name}", type=type(p.default), default=p.default)
     args = vars(parser.parse_args(argv))
