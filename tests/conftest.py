@@ -2,8 +2,10 @@
 
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -43,13 +45,20 @@ def random_bytes(b, T=12, seed=0, pad_from=None):
     return x
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _cache_in_tmp(tmp_path_factory):
+def pytest_configure(config):
     """A run on corpus files prepares copies of them in the user's cache directory (data.cache_root, under
-    $XDG_CACHE_HOME): during the tests, a temporary directory (subprocesses inherit it), never ~/.cache."""
-    with pytest.MonkeyPatch.context() as m:
-        m.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
-        yield
+    $XDG_CACHE_HOME): during the tests, a temporary directory, never ~/.cache. Set before the test modules
+    are imported, since some copy os.environ for their subprocesses then."""
+    config.saved_xdg = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = config.xdg_tmp = tempfile.mkdtemp(prefix="xdg_cache_")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(config.xdg_tmp, ignore_errors=True)
+    if config.saved_xdg is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = config.saved_xdg
 
 
 @pytest.fixture(autouse=True)
