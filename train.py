@@ -26,7 +26,7 @@ Algorithm 1 (section 4.2) as step_sparse runs it, one outer and one inner update
     for t = 0 … max_steps − 1:
         B ← sample(D_generic, |B|)                   |B| = big_batch_size, i.i.d. uniform draws
         DDS, Anograd: α ← α − Adam(∇_α L_outer(α))    on R ⊂ B (|R| = b) and B_specific (Eq. 3)
-        S ← filter(B, w(·; α), b)                    b = batch_size draws ∝ w, without replacement
+        S ← filter(B, w(·; α), b)                    b = batch_size distinct rows of B drawn ∝ w
         SOBA: d_v, d_α on S and B_specific           α ← α − Adam(d_α), v ← v − η d_v (4.3.2)
         θ ← θ − AdamW(∇_θ (1/b) Σ_{x∈S} ℓ(x; θ))      uniform weights on the filtered batch
     then finetune_steps steps of θ on D_specific alone (the "+ fine-tune" rows of Table 2).
@@ -151,7 +151,7 @@ PRESETS = {
                   max_steps=300_000, warmup=1000, eval_interval=5000, eval_examples=0, soba_chunks=2),
 }
 # the paper's regime at CPU scale (README, "Table 2 in the paper's regime"): every 128-byte window of the
-# generic corpus (388k examples for the 96k trained on: never repeated), 30 specific training documents
+# generic corpus (388k examples for the 96k drawn: seed 0 draws 85k distinct), 30 specific training documents
 # (specific-only training overfits them by step ~900), 3000 steps and 600 of fine-tuning; meta_lr 3e-3: the
 # lowest final specific VALID loss of SOBA over 1e-4, 3e-4, 1e-3, 3e-3, on seeds 0 and 1 (README)
 PRESETS["scarce"] = dict(PRESETS["cpu"], max_steps=3000, finetune_steps=600, eval_interval=100,
@@ -180,7 +180,8 @@ def setup(cfg):
     g, specifics, info = data.load_data(cfg, pool)
     ctx = SimpleNamespace(cfg=cfg, device=dev, rank=rank, world=world, generic=g, specifics=specifics,
                           info=info, specific_names=data.set_names(specifics), step=0, stats={},
-                          b=cfg["batch_size"] // world)       # b: this rank's share of the batch
+                          b=cfg["batch_size"] // world,       # b: this rank's share of the batch
+                          ranks=Ranks(rank, world) if world > 1 else bilevel.ONE)
     cuda = torch.device(dev).type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cuda    # TF32 on CUDA
     # the precision policy of the module docstring: bf16 autocast around every pass of θ on CUDA
@@ -203,8 +204,8 @@ def setup(cfg):
         ctx.model.compile()          # in place: the same module, the same state_dict keys
     ctx.generic_sampler = data.Sampler(len(g.train), cfg["seed"] + 1)
     ctx.specific_samplers = [data.Sampler(len(s.train), cfg["seed"] + 2 + i) for i, s in enumerate(specifics)]
-    # the filter's and the task draws (CPU); with torchrun, every rank filters its own shard of B
-    ctx.gen = torch.Generator().manual_seed(cfg["seed"] + 100 + 1000 * rank)
+    # the filter's and the task draws (CPU): the same stream on every torchrun rank (a shared choice)
+    ctx.gen = torch.Generator().manual_seed(cfg["seed"] + 100)
     if rank > 0:        # torchrun: each rank its own dropout stream (rank 0's is a plain run's)
         torch.manual_seed(cfg["seed"] + 1000 * rank)
     # per source, the examples trained on since the last evaluation (a device tensor: no sync per step)
@@ -278,30 +279,31 @@ def setup_cds(ctx):
     ctx.state["cds"] = Attribute(ctx, "cds")
 
 
-# --- data parallel (torchrun --nproc_per_node=N). batch_size, big_batch_size and specific_batch_size
-# are global and must be divisible by N: each rank keeps 1/N of every batch. All ranks draw the same
-# global indices from the shared samplers and keep their slice (`shard`; without torchrun, or with
-# N = 1, nothing changes); each rank scores its |B|/N, filters b/N of them with its own generator and
-# trains on those. Gradients are averaged by an explicit all_reduce (model.all_reduce_mean) before
-# every optimiser step: θ, α, SOBA's d_v, the classifier, MWN, CDS's θ_ft, ScaleBiO's u and p.
-# DistributedDataParallel is not used: it averages neither torch.autograd.grad nor a create_graph
-# backward, which the outer updates use. So every rank holds the same θ, α and v after each step.
-# Normalisation: w(x; α) is a softmax over the rank's own shard (B_r for the filter, R_r or S_r for
-# the outer gradients), not over all of B. Its normaliser Σ_{B_r} exp s(x; α) estimates |B|/N times
-# the mean of exp s over D_generic, as a single process with a big batch of |B|/N would: the filter
-# is a stratified draw of b/N per shard, and the outer gradient is the mean of N per-shard estimates.
-# Both equal the single-process ones in expectation up to the noise of the normaliser, which
-# shrinks as |B|/N grows. Rank 0 alone evaluates, logs and writes out_dir; a checkpoint also holds
-# every rank's own random streams (RANK_LOCAL), so a run resumes exactly under the same N only.
+# --- data parallel (torchrun --nproc_per_node=N): the same experiment for any N. batch_size,
+# big_batch_size and specific_batch_size are global and must be divisible by N. Every rank draws the
+# same global batches (shared samplers) and holds rows r, r + N, r + 2N, … of each (`shard`, `mine`;
+# with N = 1 nothing changes, and R = the first b rows of B is then the first b/N rows of each rank's).
+# Each rank scores its rows of B; the |B| scores are gathered and every rank runs the same filter with
+# the same generator (ctx.gen), then trains on its rows of S. The outer updates are exact: the softmax
+# w(x; α) is normalised over the whole batch, the weighted gradients and the specific ones that enter
+# a look-ahead or a cosine are reduced over the ranks inside bilevel.py (`ranks`: Ranks below, or
+# bilevel.ONE in one process; exactness costs DDS and Anograd two θ-sized all-reduces a step), LTR's
+# normaliser and ScaleBiO's per-source counts are summed. One explicit all_reduce per optimiser step
+# (DistributedDataParallel averages neither torch.autograd.grad nor a create_graph backward): a mean
+# for a mean loss, a sum for a rank's part of a sum (α in Algorithm 1, LTR's θ, ScaleBiO's u and w).
+# tests/test_ddp_invariance.py: 2 ranks and 1 process agree to rounding for all 13 methods. Rank 0
+# alone evaluates, logs and writes; checkpoints hold every rank's dropout stream and counts
+# (RANK_LOCAL), so a run resumes exactly under the same N only.
 
 def shard(ctx, idx):
-    """This rank's slice of the indices drawn for a global batch: (n,) → (n / N,), on the device."""
-    return idx.chunk(ctx.world)[ctx.rank].to(ctx.device)
+    """This rank's rows of a batch drawn whole: (n,) → (n / N,) (rows rank, rank + N, …), on the device."""
+    return ctx.ranks.mine(idx).to(ctx.device)
 
 
-def step_alpha(ctx):
-    """α ← α − Adam(∇_α): the outer step, on α's gradient averaged over the ranks."""
-    all_reduce_mean(grads_of(ctx.weighter))
+def step_alpha(ctx, mean=False):
+    """α ← α − Adam(∇_α). torchrun: α's gradient SUMMED over the ranks, each rank's being its part of
+    Σ_x c(x) ∇_α w(x; α) with w normalised over the whole batch; averaged (mean) for a mean loss."""
+    all_reduce_mean(grads_of(ctx.weighter), mean)
     ctx.meta_opt.step()
 
 
@@ -393,14 +395,17 @@ def step_sparse(ctx, step, outer_on_R=None, outer_on_S=None):
     cfg, b = ctx.cfg, ctx.b
     # B_generic^big: |B| i.i.d. uniform draws from D_generic (CPU generator, indices moved)
     idx_B, x_B = big_batch(ctx)                                                # (|B|,), (|B|, T)
+    x_mine = ctx.ranks.mine(x_B)             # (|B|/N, T) torchrun: this rank's rows of B (all of B: N = 1)
     due = step % cfg["outer_every"] == 0
     if outer_on_R is not None and due:
-        # R = the first b rows of B: B is i.i.d. uniform, so they are a uniform b-subset
-        ctx.stats["outer_loss"] = outer_on_R(ctx, x_B[:b], specific_batch(ctx)).detach()     # α_{t+1}
-    # s(x; α) for all of B, then filter(B, α, b): b indices into B drawn ∝ w (Table 7's filters)
-    s_B = score(ctx.weighter, x_B)                                             # (|B|,)
-    S = filter_batch(s_B, b, cfg["filter"], ctx.gen)                           # (b,)
-    x_S = x_B[S]                                                               # (b, T)
+        # R = the first b rows of B: B is i.i.d. uniform, so they are a uniform b-subset (torchrun:
+        # this rank's rows of R are the first b/N of its rows of B)
+        ctx.stats["outer_loss"] = outer_on_R(ctx, x_mine[:b], specific_batch(ctx)).detach()  # α_{t+1}
+    # s(x; α) for all of B (each rank scores its rows), then filter(B, α, b): b indices into B drawn
+    # ∝ w (Table 7's filters) from the stream every rank shares; each rank trains on its rows of S
+    s_B = ctx.ranks.rows(score(ctx.weighter, x_mine))                          # (|B|,)
+    S = ctx.ranks.mine(filter_batch(s_B, cfg["batch_size"], cfg["filter"], ctx.gen))   # (b/N,)
+    x_S = x_B[S]                                                               # (b/N, T)
     if outer_on_S is not None and due:
         # θ_{t+1} along the gradient of the UNIFORM mean loss of S that the outer update computed
         loss, grads = outer_on_S(ctx, x_S, specific_batch(ctx), step)
@@ -420,7 +425,7 @@ def outer_dds(ctx, x_R, x_specific):
     """DDS (Eq. 3): α ← α − Adam(∇_α L_specific(θ − ρ ∇_θ Σ_R w ℓ)). Returns the outer loss."""
     ctx.meta_opt.zero_grad(set_to_none=True)
     with ctx.autocast():
-        out = bilevel.dds_step(ctx.model, ctx.weighter, x_R, x_specific, ctx.cfg["rho"])
+        out = bilevel.dds_step(ctx.model, ctx.weighter, x_R, x_specific, ctx.cfg["rho"], ranks=ctx.ranks)
     step_alpha(ctx)
     return out
 
@@ -429,7 +434,7 @@ def outer_anograd(ctx, x_R, x_specific):
     """Anograd (4.3.3): α ← α − Adam(∇_α −cos(∇L_specific, ∇ Σ_R w ℓ)). Returns the outer loss."""
     ctx.meta_opt.zero_grad(set_to_none=True)
     with ctx.autocast():
-        out = bilevel.anograd_step(ctx.model, ctx.weighter, x_R, x_specific)
+        out = bilevel.anograd_step(ctx.model, ctx.weighter, x_R, x_specific, ctx.ranks)
     step_alpha(ctx)
     return out
 
@@ -440,7 +445,7 @@ def outer_soba(ctx, x_S, x_specific, step):
     ctx.meta_opt.zero_grad(set_to_none=True)
     with ctx.autocast():
         d_v, grads, losses = bilevel.soba_step(ctx.model, ctx.weighter, x_S, x_specific, ctx.v,
-                                               ctx.cfg["soba_chunks"])
+                                               ctx.cfg["soba_chunks"], ctx.ranks)
     step_alpha(ctx)
     soba_v_update(ctx, d_v, step)
     return losses.mean().detach(), grads
@@ -466,17 +471,18 @@ def main_update(ctx, x):
     return loss.detach()
 
 
-def update_theta(ctx, loss, model=None, opt=None):
-    """θ ← θ − AdamW(∇_θ loss): one step of θ (or of model, CDS's copy θ_ft, with its optimiser)."""
+def update_theta(ctx, loss, model=None, opt=None, mean=True):
+    """θ ← θ − AdamW(∇_θ loss): one step of θ (or of model, CDS's copy θ_ft, with its optimiser).
+    torchrun: loss is a mean over this rank's rows (mean=True) or its part of a sum (False)."""
     model, opt = model or ctx.model, opt or ctx.opt
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    step_along_grads(ctx, model, opt)
+    step_along_grads(ctx, model, opt, mean)
 
 
-def step_along_grads(ctx, model, opt):
-    """One AdamW step of model along the gradients in its .grad (averaged over the ranks)."""
-    all_reduce_mean(grads_of(model))     # torchrun: ∇_θ of the global batch's mean loss (all ranks)
+def step_along_grads(ctx, model, opt, mean=True):
+    """One AdamW step of model along the gradients in its .grad (averaged, or summed, over the ranks)."""
+    all_reduce_mean(grads_of(model), mean)     # torchrun: ∇_θ of the whole batch's loss (all ranks)
     # ‖∇_θ‖ (clipped to grad_clip when set), checked before the step so θ never takes a NaN update:
     # the step's one host synchronisation
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), ctx.cfg["grad_clip"] or float("inf"))
@@ -517,8 +523,9 @@ def specific_batch(ctx):
 
 
 def big_batch(ctx):
-    """B_generic^big: |B| uniform draws from generic train → (indices (|B|,), x (|B|, T))."""
-    idx_B = shard(ctx, ctx.generic_sampler.sample(ctx.cfg["big_batch_size"]))
+    """B_generic^big: |B| uniform draws from generic train → (indices (|B|,), x (|B|, T)), the whole
+    batch on every torchrun rank (each scores and trains on its own rows of it)."""
+    idx_B = ctx.generic_sampler.sample(ctx.cfg["big_batch_size"]).to(ctx.device)
     return idx_B, ctx.x_train[idx_B]
 
 
@@ -582,8 +589,9 @@ def step_scalebio(ctx, step):
     with ctx.autocast():
         # min_{p,w} max_u L1(w) + α·[L2(w, λ) − L2(u, λ)]: the three gradients at the old (u, w, p)
         out = bilevel.scalebio_step(ctx.model, ctx.u, ctx.p, ctx.x_train[idx], ctx.source_train[idx],
-                                    specific_batch(ctx), cfg["scalebio_alpha"])
-    all_reduce_mean(grads_of(ctx.model, ctx.u) + [ctx.p.grad])     # torchrun: averaged over ranks
+                                    specific_batch(ctx), cfg["scalebio_alpha"], ctx.ranks)
+    # torchrun: the ranks' gradients of w and u are parts of the batch's (summed); p's is the batch's
+    all_reduce_mean(grads_of(ctx.model, ctx.u), mean=False)
     if cfg["grad_clip"] > 0:
         for model in (ctx.model, ctx.u):
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
@@ -625,8 +633,8 @@ def step_cds(ctx, step):
                    "cds_examples_per_s": 2 * len(delta) / (t2 - t1)}
     ctx.stats.update({k: v for k, v in ctx.cds.items() if k != "delta"})
     idx_B, x_B = big_batch(ctx)                                                # (|B|,), (|B|, T)
-    # S = the top-b of −Δ(x) over B: the examples fine-tuning improved most
-    S = torch.topk(-ctx.cds["delta"].to(ctx.device)[idx_B], ctx.b).indices                 # (b,)
+    # S = the top-b of −Δ(x) over B: the examples fine-tuning improved most (this rank's rows of S)
+    S = ctx.ranks.mine(torch.topk(-ctx.cds["delta"].to(ctx.device)[idx_B], ctx.cfg["batch_size"]).indices)
     return Step(main_update(ctx, x_B[S]), idx_B[S])
 
 
@@ -655,10 +663,11 @@ def step_classifier(ctx, step):
         ctx.meta_opt.zero_grad(set_to_none=True)
         # binary cross-entropy −[y log σ(s(x)) + (1 − y) log(1 − σ(s(x)))], y = 1 specific, 0 generic
         ctx.stats["classifier_bce"] = bilevel.classifier_step(ctx.weighter, x_g, specific_batch(ctx)).detach()
-        step_alpha(ctx)
+        step_alpha(ctx, mean=True)                  # the BCE is a mean: torchrun averages the ranks'
     idx_B, x_B = big_batch(ctx)                                                # (|B|,), (|B|, T)
-    # S = the b examples of B the classifier finds most specific-like (deterministic)
-    S = filter_batch(score(ctx.weighter, x_B), ctx.b, "top")                   # (b,) top-b logits
+    # S = the b examples of B the classifier finds most specific-like (deterministic; this rank's rows)
+    s_B = ctx.ranks.rows(score(ctx.weighter, ctx.ranks.mine(x_B)))             # (|B|,) logits
+    S = ctx.ranks.mine(filter_batch(s_B, cfg["batch_size"], "top"))            # (b/N,) of the top b
     return Step(main_update(ctx, x_B[S]), idx_B[S])
 
 
@@ -671,12 +680,12 @@ def step_ltr(ctx, step):
     idx = shard(ctx, ctx.generic_sampler.sample(ctx.cfg["batch_size"]))    # (b,) uniform draws
     x = ctx.x_train[idx]                                                       # (b, T)
     # w_i ∝ max(−∂L_specific(θ − η Σ_j ε_j ∇ℓ_j)/∂ε_i, 0) at ε = 0, normalised to Σ w = 1
-    w, _ = bilevel.ltr_weights(ctx.model, x, specific_batch(ctx), lr_at(step, ctx.cfg))   # (b,)
+    w, _ = bilevel.ltr_weights(ctx.model, x, specific_batch(ctx), lr_at(step, ctx.cfg), ctx.ranks)  # (b,)
     with ctx.autocast():
         loss = (w.detach() * ctx.model(x).float()).sum()                      # Σ_i w_i ℓ(x_i; θ)
-    update_theta(ctx, loss)
-    ctx.counts.index_add_(0, ctx.source_train[idx], (len(w) * w).detach().double())
-    weight_stats(ctx, w)
+    update_theta(ctx, loss, mean=False)       # torchrun: each rank's loss is its part of the sum
+    ctx.counts.index_add_(0, ctx.source_train[idx], (ctx.cfg["batch_size"] * w).detach().double())
+    weight_stats(ctx, ctx.ranks.rows(w))
     return Step(loss.detach())
 
 
@@ -686,16 +695,18 @@ def step_mwn(ctx, step):
     costs a fraction of it), the DDS outer step on R = the first b rows of B, then the filter."""
     cfg, b = ctx.cfg, ctx.b
     idx_B, x_B = big_batch(ctx)                                                # (|B|,), (|B|, T)
+    x_mine = ctx.ranks.mine(x_B)                                  # (|B|/N, T) torchrun: this rank's rows
     with ctx.autocast():   # in chunks of b rows: the logits take no more memory than the main step's
-        losses_B = bilevel.losses_of(ctx.model, x_B, b, ctx.device)                # (|B|,)
+        losses_mine = bilevel.losses_of(ctx.model, x_mine, b, ctx.device)          # (|B|/N,)
     if step % cfg["outer_every"] == 0:
         ctx.meta_opt.zero_grad(set_to_none=True)
-        L = bilevel.mwn_step(ctx.model, ctx.weighter, x_B[:b], losses_B[:b], specific_batch(ctx), cfg["rho"])
+        L = bilevel.mwn_step(ctx.model, ctx.weighter, x_mine[:b], losses_mine[:b], specific_batch(ctx),
+                             cfg["rho"], ctx.ranks)
         step_alpha(ctx)
         ctx.stats["outer_loss"] = L.detach()
     with torch.no_grad():
-        s_B = ctx.weighter(losses_B).float()                                   # (|B|,) scores
-    S = filter_batch(s_B, b, cfg["filter"], ctx.gen)                           # (b,)
+        s_B = ctx.ranks.rows(ctx.weighter(losses_mine).float())                # (|B|,) scores
+    S = ctx.ranks.mine(filter_batch(s_B, cfg["batch_size"], cfg["filter"], ctx.gen))   # (b/N,)
     loss = main_update(ctx, x_B[S])
     weight_stats(ctx, torch.softmax(s_B, 0))                               # w(x; α) = softmax_B s(x; α)
     return Step(loss, idx_B[S])
@@ -758,6 +769,9 @@ def eval_all(ctx):
 def finish_eval(ctx, done, phase, ms, train_loss):
     """Evaluate and log (torchrun: on rank 0), then write a checkpoint."""
     all_reduce_mean([ctx.counts], mean=False)      # torchrun: the sources θ trained on, summed over ranks
+    # torchrun: the logged statistics averaged over the ranks, so that they are the whole batch's (the
+    # ranks' own losses are means over equal shares; what every rank holds alike stays as it is)
+    all_reduce_mean([t for t in ctx.stats.values() if torch.is_tensor(t)] + [train_loss])
     if ctx.rank == 0:
         log_eval(ctx, done, phase, ms, train_loss)
     ctx.counts.zero_()
@@ -1034,6 +1048,42 @@ def gather(obj):
     return out
 
 
+class Ranks(bilevel.OneProcess):
+    """bilevel.OneProcess's reductions over torchrun's N ranks: rank r holds rows r, r + N, … of a batch."""
+    def __init__(self, rank, world):
+        self.rank, self.world = rank, world
+
+    def sum_(self, tensors):
+        all_reduce_mean(tensors, mean=False)
+        return tensors
+
+    def mean_(self, tensors):
+        all_reduce_mean(tensors)
+        return tensors
+
+    def rows(self, t):
+        return GatherRows.apply(t)
+
+    def mine(self, t):
+        return t[self.rank::self.world]
+
+
+class GatherRows(torch.autograd.Function):
+    """(n/N,) this rank's rows → (n,) the whole batch, row i from rank i % N; differentiable."""
+    @staticmethod
+    def forward(ctx, t):
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())                  # N × (n/N,): rank r's rows
+        return torch.stack(parts, dim=1).reshape(-1)            # (n/N, N) → (n,)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # every rank's loss is its part of the batch's: the gradient of a row is the sum over the ranks
+        grad = grad.contiguous().clone()                        # (n,)
+        dist.all_reduce(grad)
+        return grad.view(-1, dist.get_world_size())[:, dist.get_rank()]      # (n/N,) this rank's rows
+
+
 # ---------------------------------------------------------------------------------------------------
 # the run directory: what train.py writes into out_dir, --overwrite and --resume. A run's files are
 # only ever replaced whole (data.atomic_write for config.json, summary.json and ckpt.pt), and
@@ -1088,7 +1138,7 @@ class ConfigError(data.DataError):
 # settings a resumed run may change without changing what it computes (besides growing
 # finetune_steps, and max_steps while the run is still pretraining)
 RESUMABLE = {"resume", "overwrite", "device", "out_dir", "soba_chunks", "eval_batch_size", "compile"}
-RANK_LOCAL = ("gen", "torch_rng", "cuda_rng", "counts")      # differ between torchrun's ranks
+RANK_LOCAL = ("torch_rng", "cuda_rng", "counts")      # differ between torchrun's ranks
 
 
 def help_text():

@@ -15,7 +15,7 @@ keeps the scoring of a big batch cheap on a CPU.
 The filter (section 4.2, Algorithm 1, Table 7) turns w over the big batch B_generic^big into the
 small batch the main model trains on:
   - `importance`:          b draws with replacement from w (unbiased for Σ w ℓ);
-  - `without_replacement`: b draws without replacement from w, by the Gumbel top-k trick
+  - `without_replacement`: b distinct rows of B drawn ∝ w, by the Gumbel top-k trick
                            (top_k(log w + Gumbel noise)); the paper's default;
   - `top`:                 the b highest weights, deterministic.
 """
@@ -109,8 +109,9 @@ class LossWeighter(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
     def forward(self, losses):
-        """losses: (B,) per-example losses ℓ(x; θ), treated as data (detached) → scores (B,)."""
-        return self.mlp(losses.detach()[:, None]).squeeze(-1)
+        """losses: (B,) per-example losses ℓ(x; θ), treated as data (detached), read in the MLP's own
+        precision → scores (B,)."""
+        return self.mlp(losses.detach()[:, None].to(self.mlp[0].weight.dtype)).squeeze(-1)
 
     def weights(self, losses):
         return torch.softmax(self(losses), dim=0)
@@ -149,7 +150,8 @@ def filter_batch(s, b, how, generator=None):
         return torch.multinomial(w, b, replacement=True, generator=generator).to(s.device)
     if how == "without_replacement":
         # Gumbel top-k: top_k(log w + G), G = −log(−log U), U ~ Uniform(0, 1), is a draw of b
-        # distinct examples, each next one ∝ w among those not yet drawn. U and G: float32, CPU
+        # distinct rows of B, each next one ∝ w among those not yet drawn (B itself is drawn with
+        # replacement, so two rows may hold the same example). U and G: float32, CPU
         u = torch.rand(s.shape, generator=generator).clamp_(1e-20, 1.0)       # (|B|,) U
         # −G = log(−log U), computed on the CPU, then moved to s.device
         minus_g = torch.log(-torch.log(u)).to(s.device)                         # (|B|,)

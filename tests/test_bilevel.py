@@ -334,8 +334,11 @@ class FreeLogits(nn.Module):
         super().__init__()
         self.alpha = nn.Parameter(torch.zeros(n, dtype=torch.float64) if alpha is None else alpha.clone())
 
+    def forward(self, batch):
+        return self.alpha[batch[:, -1].long()]                              # (b,) scores: a free logit each
+
     def weights(self, batch):
-        return torch.softmax(self.alpha[batch[:, -1].long()], 0)            # (b,)
+        return torch.softmax(self(batch), 0)                                # (b,)
 
 
 def ridge_problem(n=8, d=3, n_val=5, lam=0.1, seed=0):
