@@ -254,6 +254,17 @@ def soba_terms(model, x, v, chunks=1):
     return losses.detach(), {k: gi.detach() for k, gi in zip(names, g)}, dict(zip(names, Hv)), c
 
 
+def soba_alpha_grad(model, weighter, x, v):
+    """Sets α.grad to d_α = Σ_{x∈S} ⟨∇_θ ℓ(x; θ), v⟩ ∇_α w(x; α) for a given v (replacing any gradient
+    α held): the reference code's order passes v_{t+1}, v after its update (soba_step's own d_α uses v_t,
+    from its one pass). Costs one more forward and backward pass on x (`per_example_dot`)."""
+    weighter.zero_grad(set_to_none=True)
+    # c(x) = ⟨∇_θ ℓ(x; θ), v⟩ for every x ∈ S, (b,)
+    _, c = per_example_dot(model, theta_of(model), x, v)
+    # d_α = Σ_x c(x) ∇_α w(x; α)
+    backward_to_alpha(c, weighter.weights(x))
+
+
 # ----------------------------------------------------------------------------------------------
 # Anograd: aligned normalised gradient (section 4.3.3)
 
