@@ -711,8 +711,8 @@ def cmd_compare(opts, _):
     """steps and time to a target specific loss, speedups over the baseline (Figure 1)
 
     Every run of --runs must have been trained on the baseline's specific set. Prints the final
-    losses of each run, when it reached the target, and its speedup in steps and in seconds;
-    --horizon=H takes the baseline's loss at step H as the target (the speedup at a horizon H).
+    losses of each run, when it reached the target, and its speedup in steps and in seconds. The
+    target with --horizon=H: the baseline's loss at step H (the speedup at a horizon H).
     When the baseline was evaluated at the authors' steps (2000, 4000, …), a second table gives their
     logged Reuters valid losses (baseline, Sparse SOBA, SOBA / baseline; 9.5M parameters, b = 128,
     |B| = 16384) beside each run's loss / the baseline's at exactly that step (—: no evaluation there);

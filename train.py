@@ -1229,6 +1229,8 @@ def check(cfg):
         need(cfg[k] > 0, k, "must be positive")
     for k in ("max_steps", "finetune_steps", "eval_examples", "specific_train_docs", "cds_pretrain_steps"):
         need(cfg[k] >= 0, k, "must be non-negative")
+    need(cfg["max_steps"] + cfg["finetune_steps"] > 0, "max_steps", "nothing to train: must be positive, or "
+         "--finetune_steps must be (a run that only fine-tunes, e.g. from --init_from)")
     # --init_from fine-tunes at a constant rate (the authors: 2e-3 for the baseline, 2e-4 for SOBA and mixing)
     need(cfg["finetune_lr"] > 0 if cfg["init_from"] else cfg["finetune_lr"] >= 0, "finetune_lr",
          "must be non-negative, and positive with --init_from")
