@@ -53,6 +53,7 @@ runs computed: changing it would change their numbers.
 """
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm import tqdm
@@ -67,7 +68,8 @@ from model import second_order, uncompiled
 # θ-space direction that is not a uniform mean (a weighted sum Σ w ∇ℓ, a specific gradient that
 # enters a look-ahead or a cosine) is summed or averaged over the ranks before it is used, and (iii)
 # a rank's α-gradient is its part of Σ_x c(x) ∇_α w(x; α), summed over the ranks by the caller.
-# train.py's Ranks implements these four methods with collectives; OneProcess is the identity.
+# OneProcess is the identity; Ranks implements the same four methods with collectives (train.py joins
+# the process group and uses the same object for its own all-reduces of θ's and α's gradients).
 
 class OneProcess:
     """The data-parallel reductions of one process: every method returns its input unchanged."""
@@ -91,6 +93,51 @@ class OneProcess:
 
 
 ONE = OneProcess()
+
+
+class Ranks(OneProcess):
+    """OneProcess's reductions over torchrun's N ranks (the process group train.py joined): rank r holds
+    rows r, r + N, … of every batch."""
+    def __init__(self, rank, world):
+        self.rank, self.world = rank, world
+
+    def sum_(self, tensors):
+        return self.all_reduce_(tensors, 1)
+
+    def mean_(self, tensors):
+        return self.all_reduce_(tensors, self.world)
+
+    def all_reduce_(self, tensors, divisor):
+        """Σ over the ranks / divisor, in place, in one collective (gloo has no mean)."""
+        if tensors:
+            flat = torch.cat([t.reshape(-1) for t in tensors])
+            dist.all_reduce(flat)
+            flat /= divisor
+            for t, f in zip(tensors, flat.split([t.numel() for t in tensors])):
+                t.copy_(f.view_as(t))
+        return tensors
+
+    def rows(self, t):
+        return GatherRows.apply(t)
+
+    def mine(self, t):
+        return t[self.rank::self.world]
+
+
+class GatherRows(torch.autograd.Function):
+    """(n/N,) this rank's rows → (n,) the whole batch, row i from rank i % N; differentiable."""
+    @staticmethod
+    def forward(ctx, t):
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())                  # N × (n/N,): rank r's rows
+        return torch.stack(parts, dim=1).reshape(-1)            # (n/N, N) → (n,)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # every rank's loss is its part of the batch's: the gradient of a row is the sum over the ranks
+        grad = grad.contiguous().clone()                        # (n,)
+        dist.all_reduce(grad)
+        return grad.view(-1, dist.get_world_size())[:, dist.get_rank()]      # (n/N,) this rank's rows
 
 
 def batch_softmax(s, ranks=ONE):
@@ -294,6 +341,17 @@ def soba_terms(model, x, v, chunks=1):
         g_dot_v = sum((gi * v[k]).sum() for gi, k in zip(g, names))            # ⟨g, v⟩
         *Hv, c = torch.autograd.grad(g_dot_v, params + [eps])                   # H v, (b,) c = ⟨∇ℓ(x), v⟩
     return losses.detach(), {k: gi.detach() for k, gi in zip(names, g)}, dict(zip(names, Hv)), c
+
+
+def soba_alpha_grad(model, weighter, x, v, ranks=ONE):
+    """Sets α.grad to d_α = Σ_{x∈S} ⟨∇_θ ℓ(x; θ), v⟩ ∇_α w(x; α) for a given v (replacing any gradient
+    α held): the reference code's order passes v_{t+1}, v after its update (soba_step's own d_α uses v_t,
+    from its one pass). Costs one more forward and backward pass on x (`per_example_dot`)."""
+    weighter.zero_grad(set_to_none=True)
+    # c(x) = ⟨∇_θ ℓ(x; θ), v⟩ for every x ∈ S, (b,)
+    _, c = per_example_dot(model, theta_of(model), x, v)
+    # d_α = Σ_x c(x) ∇_α w(x; α)   (torchrun: w is the softmax over the whole S)
+    backward_to_alpha(c, batch_softmax(weighter(x), ranks))
 
 
 # ----------------------------------------------------------------------------------------------

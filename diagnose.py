@@ -31,7 +31,7 @@ Sections, in order:
 """
 
 import contextlib, gzip, heapq, importlib.util, inspect, itertools, json, math, os, platform, random, re
-import resource, signal, subprocess, sys, tempfile, time
+import signal, subprocess, sys, tempfile, time
 from collections import Counter
 
 import numpy as np
@@ -589,13 +589,25 @@ def cmd_select(opts, _):
 # compare: final losses and time to a target specific loss (the paper's Figure 1)
 #
 #   speedup = (steps, or train seconds, the baseline takes to reach the target) / (the same for a run)
-# The target is the baseline's final pretraining loss unless --target is given. Runs trained on
-# other specific sets have other losses: they are refused unless --force.
+# The target is the baseline's final pretraining loss unless --target is given (or --horizon=H: its loss
+# at step H, for the speedup at a horizon H). Runs trained on other specific sets have other losses: they
+# are refused unless --force. Beside them, the authors' curves: their SOBA / baseline ratio at each of their
+# evaluations against each run's ratio to the baseline at the same step (a run is at a point of its own
+# curve, not at the paper's 300k-step end: the authors' ratio falls from 0.96 at 2k steps to 0.85 at 12k).
+
+# the authors' logged Reuters valid loss (nats/byte) of the baseline and of Sparse SOBA, pretraining (their
+# 9.5M-parameter model, b = 128, |B| = 16384, evaluated every 2000 steps): step → (baseline, SOBA)
+REFERENCE = {2000: (1.5726, 1.5087), 4000: (1.4581, 1.3677), 6000: (1.4086, 1.2804), 8000: (1.3993, 1.2167),
+             10000: (1.3744, 1.1812), 12000: (1.3691, 1.1585), 14000: (1.3546, 1.1480),
+             16000: (1.3455, 1.1440), 20000: (1.3278, 1.1223), 30000: (1.3089, 1.0968),
+             50000: (1.2807, 1.0754), 100000: (1.2548, 1.0522), 200000: (1.2244, 1.0319),
+             300000: (1.2097, 1.0180)}
 
 COMPARE_OPTIONS = dict(
     runs=("", "train.py run directories, comma-separated"),
     baseline=("", "the reference run; default: the one among --runs whose method is baseline"),
-    target=(0.0, "the target loss; 0 = the baseline's final pretraining value"),
+    target=(0.0, "the target loss; 0 = the baseline's final pretraining value (or at --horizon)"),
+    horizon=(0, "the target is the baseline's loss at this step (one of its evaluations); 0 = its last"),
     metric=("specific_valid_loss", "the logged loss the target applies to"),
     interpolate=(True, "interpolate between evaluations (else: the first evaluation at or below)"),
     force=(False, "compare runs trained on different specific sets anyway"),
@@ -605,6 +617,11 @@ COMPARE_OPTIONS = dict(
 def pretrain_records(records):
     """The evaluations of pretraining, without those of fine-tuning."""
     return [r for r in records if r.get("phase", "pretrain") == "pretrain"]
+
+
+def losses_at(records, key):
+    """{step: the logged loss} of the pretraining evaluations."""
+    return {r["step"]: r[key] for r in pretrain_records(records)}
 
 
 def time_to_target(records, target, key="specific_valid_loss", interpolate=True):
@@ -643,11 +660,10 @@ def run_info(run):
 def compare_rows(info, reach, base):
     """Each run's numbers and its table row: final losses, steps and seconds to the target, speedups."""
     numbers, rows = {}, []
-    base_steps, base_s = reach[base]
     for run, r in info.items():
         steps, secs = reach[run]
         # speedup = (the baseline's steps, or seconds, to the target) / (this run's)
-        speedup = [b / a if a and b else None for a, b in ((steps, base_steps), (secs, base_s))]
+        speedup = [b / a if a and b else None for a, b in zip(reach[run], reach[base])]
         numbers[run] = {**{k: v for k, v in r.items() if k not in ("records", "last_pretrain")},
                         "steps_to_target": steps, "seconds_to_target": secs,
                         "speedup_steps": speedup[0], "speedup_time": speedup[1]}
@@ -670,28 +686,48 @@ def write_comparison(out, text, numbers, info):
         return
     key, curves = numbers["metric"], {}
     for run, r in info.items():
-        pre = pretrain_records(r["records"])
-        label = f"{r['method']}: {os.path.basename(os.path.normpath(run))}"
-        curves[label] = ([x["step"] for x in pre], [x[key] for x in pre])
+        at = losses_at(r["records"], key)
+        curves[f"{r['method']}: {os.path.basename(os.path.normpath(run))}"] = (list(at), list(at.values()))
+    if numbers["reference"]:
+        # the authors' SOBA / baseline ratio drawn on the baseline: where a run on their trajectory would be
+        rows = numbers["reference"]
+        curves["the baseline × the authors' SOBA / baseline"] = ([r[0] for r in rows], [r[1] for r in rows])
     plot(stem + ".png", [("pretraining; target: the baseline's final", key, curves, numbers["target"])])
+
+
+def reference_rows(info, base, key):
+    """At each of the authors' steps where the baseline has an evaluation: [step, the baseline's loss × the
+    authors' SOBA / baseline, the authors' baseline, SOBA, SOBA / baseline, then each other run's loss / the
+    baseline's at exactly that step (None: the run has no evaluation there)]."""
+    at, rows = {run: losses_at(r["records"], key) for run, r in info.items()}, []
+    for step in [t for t in REFERENCE if t in at[base]]:
+        b, s = REFERENCE[step]
+        ratios = [at[run][step] / at[base][step] if step in at[run] else None for run in info if run != base]
+        rows.append([step, at[base][step] * s / b, b, s, s / b, *ratios])
+    return rows
 
 
 def cmd_compare(opts, _):
     """steps and time to a target specific loss, speedups over the baseline (Figure 1)
 
     Every run of --runs must have been trained on the baseline's specific set. Prints the final
-    losses of each run, when it reached the target, and its speedup in steps and in seconds."""
+    losses of each run, when it reached the target, and its speedup in steps and in seconds. The
+    target with --horizon=H: the baseline's loss at step H (the speedup at a horizon H).
+    When the baseline was evaluated at the authors' steps (2000, 4000, …), a second table gives their
+    logged Reuters valid losses (baseline, Sparse SOBA, SOBA / baseline; 9.5M parameters, b = 128,
+    |B| = 16384) beside each run's loss / the baseline's at exactly that step (—: no evaluation there);
+    the PNG draws their ratio on the baseline's curve (where a run on their trajectory would be)."""
     runs = [r for r in opts["runs"].split(",") if r]
     need(runs, "--runs: give run directories, comma-separated")
-    named = runs + [opts["baseline"]] if opts["baseline"] else runs      # each read once
-    info = {run: run_info(run) for run in dict.fromkeys(named)}
+    info = {run: run_info(run) for run in dict.fromkeys(runs + [opts["baseline"]]) if run}     # read once
     base = opts["baseline"] or next((r for r in runs if info[r]["method"] == "baseline"), None)
     need(base, "--baseline: no run of --runs has method baseline; name one with --baseline=RUN")
     for run, r in info.items():      # (specific, specific_train_docs) of each run against the baseline's
         need(r["specific_set"] == info[base]["specific_set"] or opts["force"], f"{run}: not the baseline's "
              f"specific set ({r['specific_set']} vs {info[base]['specific_set']}); --force compares anyway")
-    key, target = opts["metric"], opts["target"] or info[base]["last_pretrain"].get(opts["metric"])
-    need(target is not None, f"{base}: no pretraining evaluation to take a target from; give --target")
+    key, horizon, at_base = opts["metric"], opts["horizon"], losses_at(info[base]["records"], opts["metric"])
+    target = opts["target"] or (at_base.get(horizon) if horizon else info[base]["last_pretrain"].get(key))
+    need(target is not None, f"{base}: no evaluation for a target (--horizon={horizon}); give --target")
     reach = {run: time_to_target(r["records"], target, key, opts["interpolate"]) for run, r in info.items()}
     numbers, rows = compare_rows(info, reach, base)
     how = "interpolated between evaluations" if opts["interpolate"] else "first evaluation at or below"
@@ -700,9 +736,14 @@ def cmd_compare(opts, _):
     text = (f"Time to reach {key} <= {target:.4f} ({how}; train seconds = elapsed_s, evaluation excluded). "
             f"Paper, Figure 1: loss 1.3 reached 3.9x faster by Sparse SOBA, 8.5x by frozen weights, than by "
             f"the baseline.\n\n" + markdown(header, rows))
+    if ref := reference_rows(info, base, key):     # the baseline was evaluated at one of the authors' steps
+        names = [f"{os.path.basename(os.path.normpath(run))} / baseline" for run in info if run != base]
+        header = ["step", "authors' baseline", "authors' SOBA", "authors' SOBA / baseline", *names]
+        text += f"\n\nAt equal steps: the authors' Reuters valid loss; each run's {key} / the baseline's\n\n"
+        text += markdown(header, [[t, f"{b:.4f}", f"{s:.4f}", *map(fmt, r)] for t, _, b, s, *r in ref])
     print(text)
     if opts["out"]:
-        numbers = {"target": target, "metric": key, "baseline": base, "runs": numbers}
+        numbers = {"target": target, "metric": key, "baseline": base, "runs": numbers, "reference": ref}
         write_comparison(opts["out"], text, numbers, info)
     return 0
 
@@ -995,8 +1036,7 @@ def device_name(device):
 def time_rounds(ctxs, first, n, rounds, x_B):
     """ms per step of each method, in each round ({method: [ms]}), and the ms of scoring x_B with
     the α of each method that has a text-scoring one ({method: [ms]})."""
-    dev = ctxs["baseline"].device
-    ms = {m: [] for m in ctxs}
+    dev, ms = ctxs["baseline"].device, {m: [] for m in ctxs}
     score_ms = {m: [] for m, c in ctxs.items() if isinstance(c.weighter, Weighter)}     # α scores text
     # each round times n steps of every method in turn: a slow spell of the machine hits one round
     # of every method rather than all of one method; the median over rounds is reported
@@ -1041,9 +1081,8 @@ def bench(train_argv, methods, steps, warmup, rounds):
     ms, score_ms = time_rounds(ctxs, warm, n, rounds, x_B)
     n_params = sum(p.numel() for p in base.model.parameters())
     peak = next((tf for key, tf in PEAK_BF16_TFLOPS if key in name), None) if is_cuda(dev) else None
-    res = {}
-    for m, ctx in ctxs.items():
-        res[m] = bench_result(ctx, ms[m], ms["baseline"], score_ms.get(m), warm + rounds * n, peak, n_params)
+    res = {m: bench_result(ctx, ms[m], ms["baseline"], score_ms.get(m), warm + rounds * n, peak, n_params)
+           for m, ctx in ctxs.items()}
     rows = [[m, f"{r['ms_per_step']:.1f}", f"{r['ratio']:.2f}x", f"{r['step_memory_mb']:.1f}",
              fmt(r["score_fraction"], ".2f"), f"{r['trained_bytes_per_s'] / 1e3:.1f}", fmt(r["mfu"], ".1%")]
             for m, r in res.items()]
@@ -1052,11 +1091,8 @@ def bench(train_argv, methods, steps, warmup, rounds):
     print(f"{name}: the median over {rounds} rounds of {n} steps (the methods in turn), after {warm} warm-up "
           f"steps; peak MB: allocated during one cycle of outer_every steps, above what was allocated "
           f"before.\n\n" + markdown(header, rows))
-    # this process's peak memory: allocated GPU memory on CUDA, the resident set size on a CPU (kB)
-    if is_cuda(dev):
-        process_mb = torch.cuda.max_memory_allocated(dev) / 2**20
-    else:
-        process_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # this process's peak memory: allocated GPU memory on CUDA, the resident set size on a CPU
+    process_mb = train.peak_mem_mb(dev)
     return res, dict(device=name, device_type=torch.device(dev).type, peak_bf16_tflops=peak, cfg=cfg,
                      n_params=n_params, process_peak_memory_mb=process_mb)
 

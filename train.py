@@ -66,7 +66,7 @@ from weighter import (LossWeighter, Replay, Weighter, effective_sample_size, fil
 
 # what diagnose.py and the tests may use: the rest of this file is free to change
 __all__ = ["config_keys", "PRESETS", "METHODS", "ConfigError", "TrainingError", "parse_args", "cast", "setup",
-           "train_step", "lr_at"]
+           "train_step", "lr_at", "peak_mem_mb"]
 
 # ---- config: the built-in experiment, small enough for a 2-core CPU in a few minutes -----------------
 # --- I/O
@@ -77,6 +77,7 @@ specific_train_docs = 0  # keep a fixed random subset (by seed) of N specific tr
 doc_mode = "first"      # "first": a document's first seq_len bytes (the paper); "chunk": all its windows
 resume = False          # continue the run in out_dir (its saved settings; see --help for what may change)
 overwrite = False       # replace a run in out_dir (removes only the files train.py writes there)
+init_from = ""          # a run dir or its ckpt.pt: a new run whose θ starts there, with its settings (README)
 seed = 0                # every random stream (data draws, filter, init, dropout) derives from it
 device = "auto"         # "auto" = cuda if available, else cpu; or cpu, cuda, cuda:N
 compile = False         # torch.compile θ's first-order passes (CUDA; SOBA's double backward stays eager)
@@ -93,9 +94,11 @@ dropout = 0.0           # dropout of θ (paper: 0.1)
 # --- weighting network α (reference: embedding and one causal conv of width 128, kernel 7)
 weighter_dim = 32       # latent width of α's embedding and convolution (reference: 128)
 weighter_kernel = 7     # width of α's causal convolution
+weighter_init = "default"  # "default": PyTorch's; "reference": the authors' (Xavier conv, LeCun head, 0 bias)
 # --- optimisation of θ: AdamW(0.9, 0.98, eps 1e-9), linear warm-up then lr·√(warmup/step) (reference)
 max_steps = 600         # pretraining steps
 finetune_steps = 0      # then this many steps on the specific training set ("+ fine-tune" rows)
+finetune_lr = 0.0       # 0: fine-tuning continues θ's lr schedule and AdamW; > 0: a fresh AdamW, this lr
 batch_size = 32         # b: examples the main model trains on per step
 big_batch_size = 512    # |B_generic^big|: examples the weighter scores per step (paper: 128·b)
 specific_batch_size = 32  # |B_specific| for the outer losses
@@ -109,6 +112,7 @@ rho = 0.1               # DDS look-ahead step ρ (reference: 0.1)
 soba_v_optim = "adam"   # "adam": Adam on v at the main lr (reference code); "sgd": v ← v − η d_v (paper)
 soba_v_lr = 0.0         # η for v; 0 = the main model's lr schedule
 soba_chunks = 1         # SOBA's second-order pass in this many micro-batches: same numbers, less memory
+soba_dalpha_v = "t"     # d_α from v_t (the pass of d_v) or "t+1", v updated first (reference; one more pass)
 filter = "without_replacement"  # importance | without_replacement | top (paper Table 7)
 outer_every = 1         # run the outer update every k steps (1 = every step, the paper)
 # --- baselines
@@ -181,7 +185,7 @@ def setup(cfg):
     ctx = SimpleNamespace(cfg=cfg, device=dev, rank=rank, world=world, generic=g, specifics=specifics,
                           info=info, specific_names=data.set_names(specifics), step=0, stats={},
                           b=cfg["batch_size"] // world,       # b: this rank's share of the batch
-                          ranks=Ranks(rank, world) if world > 1 else bilevel.ONE)
+                          ranks=bilevel.Ranks(rank, world) if world > 1 else bilevel.ONE)
     cuda = torch.device(dev).type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cuda    # TF32 on CUDA
     # the precision policy of the module docstring: bf16 autocast around every pass of θ on CUDA
@@ -229,6 +233,9 @@ def adamw(params, lr, wd, dev):
 
 def lr_at(step, cfg):
     """The learning rate of θ at a step (v, u and p follow it too)."""
+    # --finetune_lr: the authors' fine-tuning, at a constant rate (no warm-up, no decay)
+    if step >= cfg["max_steps"] and cfg["finetune_lr"] > 0:
+        return cfg["finetune_lr"]
     # reference schedule: η_t = lr · min(t / warmup, √(warmup / t)) with t = step + 1: a linear
     # warm-up to lr, then an inverse-square-root decay
     return cfg["lr"] * min((step + 1) / cfg["warmup"], math.sqrt(cfg["warmup"] / (step + 1)))
@@ -240,7 +247,8 @@ def setup_alpha(ctx, weighter=None):
     """α: the weighting network w(x; α) (or the given network) and its Adam, saved in checkpoints.
     The domain classifier uses "the same architecture as the weighting model" (section 5.1)."""
     cfg = ctx.cfg
-    ctx.weighter = weighter or Weighter(cfg["weighter_dim"], cfg["weighter_kernel"]).to(ctx.device)
+    ctx.weighter = weighter or Weighter(cfg["weighter_dim"], cfg["weighter_kernel"],
+                                        init=cfg["weighter_init"]).to(ctx.device)
     ctx.meta_opt = torch.optim.Adam(ctx.weighter.parameters(), lr=cfg["meta_lr"],
                                     fused=torch.device(ctx.device).type == "cuda" or None)
     ctx.state.update(weighter=ctx.weighter, meta_opt=ctx.meta_opt)
@@ -286,7 +294,7 @@ def setup_cds(ctx):
 # Each rank scores its rows of B; the |B| scores are gathered and every rank runs the same filter with
 # the same generator (ctx.gen), then trains on its rows of S. The outer updates are exact: the softmax
 # w(x; α) is normalised over the whole batch, the weighted gradients and the specific ones that enter
-# a look-ahead or a cosine are reduced over the ranks inside bilevel.py (`ranks`: Ranks below, or
+# a look-ahead or a cosine are reduced over the ranks inside bilevel.py (`ranks`: bilevel.Ranks, or
 # bilevel.ONE in one process; exactness costs DDS and Anograd two θ-sized all-reduces a step), LTR's
 # normaliser and ScaleBiO's per-source counts are summed. One explicit all_reduce per optimiser step
 # (DistributedDataParallel averages neither torch.autograd.grad nor a create_graph backward): a mean
@@ -303,7 +311,10 @@ def shard(ctx, idx):
 def step_alpha(ctx, mean=False):
     """α ← α − Adam(∇_α). torchrun: α's gradient SUMMED over the ranks, each rank's being its part of
     Σ_x c(x) ∇_α w(x; α) with w normalised over the whole batch; averaged (mean) for a mean loss."""
-    all_reduce_mean(grads_of(ctx.weighter), mean)
+    if mean:
+        ctx.ranks.mean_(grads_of(ctx.weighter))
+    else:
+        ctx.ranks.sum_(grads_of(ctx.weighter))
     ctx.meta_opt.step()
 
 
@@ -326,6 +337,8 @@ def train_loop(ctx, start, stop):
     ms = []     # step times in ms (the progress line averages the last eval_interval)
     bar = tqdm(range(start, total), initial=start, total=total, desc=cfg["method"], dynamic_ncols=True,
                leave=False, disable=None if ctx.rank == 0 else True)
+    if cfg["max_steps"] == 0 and not cfg["resume"]:     # no pretraining (--init_from): θ as it starts
+        finish_eval(ctx, 0, "pretrain", ms, None)
     for step in bar:
         pretrain = step < cfg["max_steps"]
         t0 = time.perf_counter()
@@ -362,6 +375,9 @@ def train_loop(ctx, start, stop):
 def train_step(ctx, step):
     """One training step at `step`: the method's step while pretraining, then fine-tuning's, at lr_at(step).
     Returns the step function's Step(loss, idx)."""
+    if step == ctx.cfg["max_steps"] and ctx.cfg["finetune_lr"] > 0:
+        # the authors' fine-tuning starts a fresh AdamW: no moments, its step count at 0
+        ctx.opt.state.clear()
     for group in ctx.opt.param_groups:
         group["lr"] = lr_at(step, ctx.cfg)
     ctx.step = step
@@ -446,8 +462,13 @@ def outer_soba(ctx, x_S, x_specific, step):
     with ctx.autocast():
         d_v, grads, losses = bilevel.soba_step(ctx.model, ctx.weighter, x_S, x_specific, ctx.v,
                                                ctx.cfg["soba_chunks"], ctx.ranks)
-    step_alpha(ctx)
+    # v_{t+1} from d_v (the order of v's and α's steps does not change them: each has its own gradient)
     soba_v_update(ctx, d_v, step)
+    if ctx.cfg["soba_dalpha_v"] == "t+1":
+        # the reference code's order: d_α from v_{t+1} (replacing soba_step's, from v_t): one more pass on S
+        with ctx.autocast():
+            bilevel.soba_alpha_grad(ctx.model, ctx.weighter, x_S, ctx.v, ctx.ranks)
+    step_alpha(ctx)
     return losses.mean().detach(), grads
 
 
@@ -482,7 +503,11 @@ def update_theta(ctx, loss, model=None, opt=None, mean=True):
 
 def step_along_grads(ctx, model, opt, mean=True):
     """One AdamW step of model along the gradients in its .grad (averaged, or summed, over the ranks)."""
-    all_reduce_mean(grads_of(model), mean)     # torchrun: ∇_θ of the whole batch's loss (all ranks)
+    # torchrun: ∇_θ of the whole batch's loss on every rank
+    if mean:
+        ctx.ranks.mean_(grads_of(model))
+    else:
+        ctx.ranks.sum_(grads_of(model))
     # ‖∇_θ‖ (clipped to grad_clip when set), checked before the step so θ never takes a NaN update:
     # the step's one host synchronisation
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), ctx.cfg["grad_clip"] or float("inf"))
@@ -497,7 +522,7 @@ def step_along_grads(ctx, model, opt, mean=True):
 def soba_v_update(ctx, d_v, step):
     """SOBA's linear-system variable v (section 4.3.2)."""
     eta = ctx.cfg["soba_v_lr"] or lr_at(step, ctx.cfg)
-    all_reduce_mean(list(d_v.values()))          # torchrun: d_v averaged over the ranks
+    ctx.ranks.mean_(list(d_v.values()))          # torchrun: d_v averaged over the ranks
     if ctx.cfg["soba_v_optim"] == "sgd":
         # paper: v ← v − η d_v
         with torch.no_grad():
@@ -591,7 +616,7 @@ def step_scalebio(ctx, step):
         out = bilevel.scalebio_step(ctx.model, ctx.u, ctx.p, ctx.x_train[idx], ctx.source_train[idx],
                                     specific_batch(ctx), cfg["scalebio_alpha"], ctx.ranks)
     # torchrun: the ranks' gradients of w and u are parts of the batch's (summed); p's is the batch's
-    all_reduce_mean(grads_of(ctx.model, ctx.u), mean=False)
+    ctx.ranks.sum_(grads_of(ctx.model, ctx.u))
     if cfg["grad_clip"] > 0:
         for model in (ctx.model, ctx.u):
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
@@ -768,10 +793,13 @@ def eval_all(ctx):
 
 def finish_eval(ctx, done, phase, ms, train_loss):
     """Evaluate and log (torchrun: on rank 0), then write a checkpoint."""
-    all_reduce_mean([ctx.counts], mean=False)      # torchrun: the sources θ trained on, summed over ranks
+    ctx.ranks.sum_([ctx.counts])      # torchrun: the sources θ trained on, summed over ranks
     # torchrun: the logged statistics averaged over the ranks, so that they are the whole batch's (the
     # ranks' own losses are means over equal shares; what every rank holds alike stays as it is)
-    all_reduce_mean([t for t in ctx.stats.values() if torch.is_tensor(t)] + [train_loss])
+    stats = [t for t in ctx.stats.values() if torch.is_tensor(t)]
+    if train_loss is not None:                    # None: an evaluation before any step (--init_from)
+        stats.append(train_loss)
+    ctx.ranks.mean_(stats)
     if ctx.rank == 0:
         log_eval(ctx, done, phase, ms, train_loss)
     ctx.counts.zero_()
@@ -782,7 +810,8 @@ def log_eval(ctx, done, phase, ms, train_loss):
     """Evaluate, append a record to log.jsonl, print the progress line, keep the results."""
     rec = {"step": done, "phase": phase, "elapsed_s": round(ctx.progress["train_time"], 2),
            "examples_seen": ctx.progress["seen"], **eval_all(ctx), "lr": lr_at(done, ctx.cfg),
-           "train_loss": float(train_loss), **{k: float(v) for k, v in ctx.stats.items()}}
+           "train_loss": None if train_loss is None else float(train_loss),   # None: before any step
+           **{k: float(v) for k, v in ctx.stats.items()}}
     for k, v in rec.items():    # losses and statistics were kept as tensors: checked here
         if isinstance(v, float) and not math.isfinite(v):
             raise TrainingError(f"step {done}: {k} is {v} (the last good checkpoint is kept)")
@@ -822,7 +851,8 @@ def source_share(ctx):
 def progress_line(rec, ms, ctx):
     """The one fixed-format line printed at each evaluation (and the target's share, if known)."""
     gv, target, share = rec["generic_valid_loss"], ctx.info.get("target_source"), rec.get("source_share")
-    return (f"step {rec['step']:6d} | {rec['phase']:8s} | train {rec['train_loss']:.3f} | specific valid "
+    train_loss = "—" if rec["train_loss"] is None else f"{rec['train_loss']:.3f}"   # None: before any step
+    return (f"step {rec['step']:6d} | {rec['phase']:8s} | train {train_loss} | specific valid "
             f"{rec['specific_valid_loss']:.3f} test {rec['specific_test_loss']:.3f} | generic valid "
             f"{'—' if gv is None else f'{gv:.3f}'} | {ms:6.1f} ms/step" + (
                 f" | {target} share {share[target]['share']:.2f} (base {share[target]['base']:.2f})"
@@ -839,7 +869,7 @@ def write_summary(ctx):
     if cfg["finetune_steps"] > 0 and best is not None:
         summary.update({f"{k}_finetuned": best[k] for k in ("specific_test_loss", "specific_valid_loss")},
                        finetune_best_step=best["step"])
-    summary.update(ms_per_step=ctx.progress.get("pretrain_ms", 0.0) / cfg["max_steps"],
+    summary.update(ms_per_step=ctx.progress.get("pretrain_ms", 0.0) / max(1, cfg["max_steps"]),
                    peak_mem_mb=peak_mem_mb(ctx.device), train_time_s=ctx.progress["train_time"])
     summary.update({k: pre[k] for k in ("ess", "max_weight", "cds_score_s", "cds_examples_per_s",
                                         "cds_finetune_s", "source_share", "lambda") if k in pre})
@@ -1013,18 +1043,6 @@ def init_ranks(device):
     return rank, world, dev
 
 
-def all_reduce_mean(tensors, mean=True):
-    """Average (or sum) tensors over the ranks, in place, in one collective: afterwards every rank
-    holds the same values."""
-    if dist.is_initialized() and tensors:
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat)                                   # Σ over ranks (gloo has no mean)
-        if mean:
-            flat /= dist.get_world_size()
-        for t, f in zip(tensors, flat.split([t.numel() for t in tensors])):
-            t.copy_(f.view_as(t))
-
-
 def grads_of(*modules):
     """The .grad of every parameter of the modules that has one."""
     return [p.grad for m in modules for p in m.parameters() if p.grad is not None]
@@ -1046,42 +1064,6 @@ def gather(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-class Ranks(bilevel.OneProcess):
-    """bilevel.OneProcess's reductions over torchrun's N ranks: rank r holds rows r, r + N, … of a batch."""
-    def __init__(self, rank, world):
-        self.rank, self.world = rank, world
-
-    def sum_(self, tensors):
-        all_reduce_mean(tensors, mean=False)
-        return tensors
-
-    def mean_(self, tensors):
-        all_reduce_mean(tensors)
-        return tensors
-
-    def rows(self, t):
-        return GatherRows.apply(t)
-
-    def mine(self, t):
-        return t[self.rank::self.world]
-
-
-class GatherRows(torch.autograd.Function):
-    """(n/N,) this rank's rows → (n,) the whole batch, row i from rank i % N; differentiable."""
-    @staticmethod
-    def forward(ctx, t):
-        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, t.contiguous())                  # N × (n/N,): rank r's rows
-        return torch.stack(parts, dim=1).reshape(-1)            # (n/N, N) → (n,)
-
-    @staticmethod
-    def backward(ctx, grad):
-        # every rank's loss is its part of the batch's: the gradient of a row is the sum over the ranks
-        grad = grad.contiguous().clone()                        # (n,)
-        dist.all_reduce(grad)
-        return grad.view(-1, dist.get_world_size())[:, dist.get_rank()]      # (n/N,) this rank's rows
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1190,6 +1172,8 @@ def parse_args(argv, defaults):
     cfg = dict(defaults)
     if overrides.get("resume"):
         cfg = resume_config(overrides, defaults)
+    elif overrides.get("init_from"):
+        cfg = init_config(overrides, defaults)
     else:
         name = overrides.get("preset", cfg["preset"])
         if name and name not in PRESETS:
@@ -1227,6 +1211,24 @@ def resume_config(overrides, defaults):
     return cfg
 
 
+def init_config(overrides, defaults):
+    """--init_from=RUN: a new run with RUN's settings (those its checkpoint saved), then the overrides. It
+    writes to its own --out_dir, and only fine-tunes (max_steps 0) unless --max_steps says otherwise. θ is
+    loaded from RUN (in run()), so the model's settings must stay RUN's."""
+    saved = read_init(overrides["init_from"])["config"]
+    cfg = {**defaults, **{k: v for k, v in saved.items() if k in defaults}}
+    cfg.update({"out_dir": defaults["out_dir"], "overwrite": False, "max_steps": 0, **overrides})
+    for k in ("n_layer", "n_head", "n_embd", "n_hidden", "seq_len"):
+        if cfg[k] != saved[k]:
+            raise ConfigError(f"--{k}: θ comes from --init_from's run, whose {k} is {saved[k]!r}")
+    return cfg
+
+
+def read_init(path):
+    """--init_from's checkpoint: RUN/ckpt.pt for a run dir, else the file itself."""
+    return read_checkpoint(os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path, "--init_from")
+
+
 def check(cfg):
     """One-line errors for settings out of range, before any data is read or any file written: every
     error names its flag, the value it got and what it expects."""
@@ -1235,12 +1237,18 @@ def check(cfg):
             raise ConfigError(f"--{key}: {what}, got {cfg[key]!r}")
     for k in ("batch_size", "big_batch_size", "specific_batch_size", "seq_len", "n_layer", "n_head", "n_embd",
               "n_hidden", "eval_interval", "eval_batch_size", "weighter_dim", "outer_every", "soba_chunks",
-              "max_steps", "cds_finetune_steps", "lisa_interval", "scalebio_alpha"):
+              "cds_finetune_steps", "lisa_interval", "scalebio_alpha"):
         need(cfg[k] > 0, k, "must be positive")
-    for k in ("finetune_steps", "eval_examples", "specific_train_docs", "cds_pretrain_steps"):
+    for k in ("max_steps", "finetune_steps", "eval_examples", "specific_train_docs", "cds_pretrain_steps"):
         need(cfg[k] >= 0, k, "must be non-negative")
+    need(cfg["max_steps"] + cfg["finetune_steps"] > 0, "max_steps", "nothing to train: must be positive, or "
+         "--finetune_steps must be (a run that only fine-tunes, e.g. from --init_from)")
+    # --init_from fine-tunes at a constant rate (the authors: 2e-3 for the baseline, 2e-4 for SOBA and mixing)
+    need(cfg["finetune_lr"] > 0 if cfg["init_from"] else cfg["finetune_lr"] >= 0, "finetune_lr",
+         "must be non-negative, and positive with --init_from")
     for k, choices in (("method", METHODS), ("filter", ("importance", "without_replacement", "top")),
-                       ("soba_v_optim", ("adam", "sgd")), ("doc_mode", ("chunk", "first"))):
+                       ("soba_v_optim", ("adam", "sgd")), ("doc_mode", ("chunk", "first")),
+                       ("weighter_init", ("default", "reference")), ("soba_dalpha_v", ("t", "t+1"))):
         need(cfg[k] in choices, k, f"expected one of {', '.join(choices)}")
     need(not METHODS[cfg["method"]].selects or cfg["batch_size"] <= cfg["big_batch_size"], "batch_size",
          f"must be at most --big_batch_size={cfg['big_batch_size']}")
@@ -1271,6 +1279,8 @@ def run(cfg, defaults):
         cfg["world_size"] = ranks()[1]     # saved in config.json: a resume needs the same N
     ctx = setup(cfg)
     start = load_checkpoint(ctx) if cfg["resume"] else 0
+    if cfg["init_from"] and not cfg["resume"]:      # θ from another run (α, v, optimisers: fresh)
+        ctx.model.load_state_dict(read_init(cfg["init_from"])["model"])
     if rank0:
         os.makedirs(cfg["out_dir"], exist_ok=True)
         if cfg["resume"]:

@@ -20,6 +20,7 @@ small batch the main model trains on:
   - `top`:                 the b highest weights, deterministic.
 """
 
+import math
 import os
 import re
 
@@ -33,7 +34,7 @@ from data import DataError, atomic_write, read_checkpoint
 class Weighter(nn.Module):
     """s(x; α): one real score per byte sequence. Also the domain classifier's network (logit head)."""
 
-    def __init__(self, dim=128, kernel=7, n_conv=1):
+    def __init__(self, dim=128, kernel=7, n_conv=1, init="default"):
         super().__init__()
         self.kernel = kernel
         self.embed = nn.Embedding(256, dim)
@@ -41,6 +42,24 @@ class Weighter(nn.Module):
         self.head = nn.Linear(dim, 1)
         # Anograd's head, w = softplus(a)·softmax(s) (reference code); unused by the other methods
         self.a = nn.Parameter(torch.zeros(()))
+        # "default": PyTorch's initialisation; "reference": the authors' code's (drawn after PyTorch's)
+        if init == "reference":
+            self.reference_init()
+
+    @torch.no_grad()
+    def reference_init(self):
+        """The authors' code's initialisation (Flax): the embedding N(0, 1), as PyTorch's already is;
+        each convolution Xavier-uniform, the head LeCun-normal, every bias zero. (PyTorch's default:
+        U(±1/√fan_in) for the weights and the biases of the convolutions and the head.)"""
+        for conv in self.convs:
+            # Xavier: U(±√(6 / (fan_in + fan_out))), fan_in = kernel·in, fan_out = kernel·out channels
+            nn.init.xavier_uniform_(conv.weight)
+            nn.init.zeros_(conv.bias)
+        # LeCun normal as Flax draws it: N(0, σ²) truncated at ±2σ, σ = √(1/fan_in) / 0.8796 (0.8796: the
+        # std of a unit normal truncated at ±2), so that the weights' std is √(1/fan_in)
+        sigma = math.sqrt(1.0 / self.head.in_features) / 0.87962566103423978
+        nn.init.trunc_normal_(self.head.weight, std=sigma, a=-2 * sigma, b=2 * sigma)
+        nn.init.zeros_(self.head.bias)
 
     def forward(self, x):
         """x: (B, T) uint8 → s(x; α): (B,) one score per sequence."""

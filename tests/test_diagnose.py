@@ -738,3 +738,72 @@ def test_shuffled_replays_the_trajectory_in_a_permutation(soba_run, corpora, tmp
         want = snaps[int(ctx.replay.sigma[step * 2 // 6])]            # 2 snapshots → 2 segments of 3 steps
         assert all(torch.equal(ctx.weighter.state_dict()[k], v) for k, v in want.items())
     assert not torch.equal(snaps[0]["head.weight"], snaps[1]["head.weight"])   # the replay is not trivial
+
+
+# -----------------------------------------------------------------------------------------------
+# compare: the authors' curves at equal steps, and the speedup at a horizon
+
+def curve_run(d, method, losses):
+    """A fake run dir: {step: loss} as pretraining evaluations (elapsed_s = step / 10)."""
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump({"method": method}, f)
+    with open(os.path.join(d, "log.jsonl"), "w") as f:
+        for step, loss in losses.items():
+            f.write(json.dumps({"step": step, "phase": "pretrain", "elapsed_s": step / 10,
+                                "specific_valid_loss": loss, "specific_test_loss": loss}) + "\n")
+    return d
+
+
+# the authors' logged Reuters valid loss, step: (baseline, SOBA), as in their curves
+AUTHORS = {2000: (1.5726, 1.5087), 4000: (1.4581, 1.3677), 6000: (1.4086, 1.2804)}
+
+
+def test_compare_prints_the_authors_ratio_beside_the_runs_at_equal_steps(tmp_path, capsys, monkeypatch):
+    base_losses = {t: 3.0 - t / 10000 for t in range(1000, 7000, 1000)}             # steps 1000 … 6000
+    soba_losses = {t: 2.9 - t / 8000 for t in range(1000, 7000, 1000) if t != 4000}   # no evaluation at 4000
+    base = curve_run(str(tmp_path / "base"), "baseline", base_losses)
+    soba = curve_run(str(tmp_path / "soba"), "soba", soba_losses)
+    out = tmp_path / "cmp.md"
+    drawn = []
+    with monkeypatch.context() as m:     # what would be drawn, with or without matplotlib here
+        m.setattr(importlib.util, "find_spec", lambda name, *a: object())
+        m.setattr(diagnose, "plot", lambda path, panels: drawn.append((path, panels)))
+        assert diagnose.main(["compare", f"--runs={base},{soba}", f"--out={out}"]) == 0
+    printed = capsys.readouterr().out
+    rows = {}
+    for line in out.read_text().splitlines():      # the table's rows: | step | ... |
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0].isdigit() and len(cells) == 5:
+            rows[int(cells[0])] = cells[1:]
+    assert set(rows) == set(AUTHORS)               # the authors' steps up to the baseline's last evaluation
+    for step, (b, s) in AUTHORS.items():
+        ours = f"{soba_losses[step] / base_losses[step]:.3f}" if step in soba_losses else "—"
+        assert rows[step] == [f"{b:.4f}", f"{s:.4f}", f"{s / b:.3f}", ours], step
+        assert f"| {step} | {b:.4f} | {s:.4f} | {s / b:.3f} | {ours} |" in printed
+    assert rows[4000][-1] == "—" and rows[2000][2] == "0.959"
+    # the PNG: the authors' ratio drawn on the baseline's curve at their steps
+    [(path, [(_, _, curves, _)])] = drawn
+    steps, values = curves["the baseline × the authors' SOBA / baseline"]
+    assert path == str(tmp_path / "cmp.png") and list(steps) == list(AUTHORS)
+    assert values == pytest.approx([base_losses[t] * s / b for t, (b, s) in AUTHORS.items()])
+    if importlib.util.find_spec("matplotlib"):
+        assert diagnose.main(["compare", f"--runs={base},{soba}", f"--out={tmp_path / 'real.md'}"]) == 0
+        assert (tmp_path / "real.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_speedup_at_a_horizon(tmp_path, capsys):
+    """--horizon=H: the target is the baseline's loss at step H; the speedup is H / the run's steps to it."""
+    base = curve_run(str(tmp_path / "base"), "baseline", {t: 3.0 - t / 10000 for t in range(1000, 7000, 1000)})
+    soba = curve_run(str(tmp_path / "soba"), "soba", {t: 3.0 - t / 5000 for t in range(1000, 7000, 1000)})
+    for horizon in (2000, 4000, 6000):
+        assert diagnose.main(["compare", f"--runs={base},{soba}", f"--horizon={horizon}",
+                              f"--out={tmp_path / 'h.md'}"]) == 0
+        res = json.loads((tmp_path / "h.json").read_text())
+        assert res["target"] == pytest.approx(3.0 - horizon / 10000)
+        # the run reaches 3 − H/10000 at step H/2 (linear between its evaluations): a speedup of 2
+        assert res["runs"][soba]["steps_to_target"] == pytest.approx(horizon / 2)
+        assert res["runs"][soba]["speedup_steps"] == pytest.approx(2.0)
+    capsys.readouterr()
+    assert diagnose.main(["compare", f"--runs={base},{soba}", "--horizon=2500"]) == 2
+    assert "--horizon=2500" in one_line_error(capsys)
