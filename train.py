@@ -77,6 +77,7 @@ specific_train_docs = 0  # keep a fixed random subset (by seed) of N specific tr
 doc_mode = "first"      # "first": a document's first seq_len bytes (the paper); "chunk": all its windows
 resume = False          # continue the run in out_dir (its saved settings; see --help for what may change)
 overwrite = False       # replace a run in out_dir (removes only the files train.py writes there)
+allow_overlap = False   # train even if generic documents copy specific valid/test ones (contamination)
 seed = 0                # every random stream (data draws, filter, init, dropout) derives from it
 device = "auto"         # "auto" = cuda if available, else cpu; or cpu, cuda, cuda:N
 compile = False         # torch.compile θ's first-order passes (CUDA; SOBA's double backward stays eager)
@@ -132,6 +133,15 @@ eval_interval = 100     # evaluate, log and checkpoint every this many steps
 eval_examples = 2000    # evaluate on (a fixed subset of) this many examples per set; 0 = all
 eval_batch_size = 256   # rows per forward pass in evaluation (no effect on the numbers)
 # ---- end of config --------------------------------------------------------------------------------
+# the range of each numeric setting, checked by check() before anything is read or written (--help prints
+# it): an interval, a square bracket including its end. lr > 0: p's schedule divides by it; a learning
+# rate of 0 elsewhere (meta_lr, scalebio_lr_p, soba_v_lr: the main schedule) is allowed. inf is refused
+RULES = {"(0, inf)": "batch_size big_batch_size specific_batch_size seq_len n_layer n_head n_embd n_hidden "
+                     "lr rho eval_interval eval_batch_size weighter_dim outer_every soba_chunks max_steps "
+                     "lisa_interval cds_finetune_steps scalebio_alpha",
+         "[0, inf)": "finetune_steps eval_examples specific_train_docs cds_pretrain_steps meta_lr "
+                     "scalebio_lr_p weight_decay scalebio_weight_decay grad_clip soba_v_lr",
+         "[1, inf)": "warmup weighter_kernel", "[0, 1)": "dropout", "[0, 1]": "generic_weight"}
 PRESETS = {
     # a meaningful real-corpus experiment in minutes on a 2-core CPU. outer_every=3 departs from the
     # paper (one outer step per inner step): on a CPU one outer step costs ~5 main steps, so it runs on
@@ -363,6 +373,8 @@ def train_step(ctx, step):
     for group in ctx.opt.param_groups:
         group["lr"] = lr_at(step, ctx.cfg)
     ctx.step = step
+    if step == ctx.cfg["max_steps"]:    # fine-tuning starts: the method's own statistics (ess, …) stop here
+        ctx.stats.clear()
     if step < ctx.cfg["max_steps"]:
         return METHODS[ctx.cfg["method"]].step(ctx, step)
     return step_specific(ctx, step)
@@ -1070,7 +1082,15 @@ def truncate_log(path, step):
 
 def prepare_out_dir(cfg):
     """A fresh run refuses an out_dir holding another run, unless --overwrite (which removes only the
-    files train.py writes); --resume keeps everything and cuts log.jsonl back to the checkpoint."""
+    files train.py writes); --resume keeps everything and cuts log.jsonl back to the checkpoint. Checked
+    before any data is read: out_dir is, or can be made, a directory this process can write in."""
+    # the nearest folder on the path that exists: out_dir itself, or the one os.makedirs will make it in
+    near = os.path.abspath(cfg["out_dir"])
+    while not os.path.exists(near):
+        near = os.path.dirname(near)
+    if not os.path.isdir(near) or not os.access(near, os.W_OK | os.X_OK):
+        why = "is not writable (permissions, a read-only file system)" if os.path.isdir(near) else "is a file"
+        raise ConfigError(f"--out_dir: {near} {why}")
     found = run_files(cfg["out_dir"])
     if found and not cfg["resume"] and not cfg["overwrite"]:
         raise ConfigError(f"--out_dir: {cfg['out_dir']} holds another run ({', '.join(found)}): continue it "
@@ -1099,7 +1119,9 @@ def help_text():
     for line in block:
         m = re.match(r"(\w+) = (.+?)(?:\s+# (.*))?$", line)
         if m:
-            lines.append(f"  --{m[1]:<22} default {m[2]:<22} {m[3] or ''}".rstrip())
+            # the range check() holds the setting to (RULES), if any
+            rule = "".join(f"; in {r}" for r, keys in RULES.items() if m[1] in keys.split())
+            lines.append(f"  --{m[1]:<22} default {m[2]:<22} {m[3] or ''}{rule}".rstrip())
         elif line.startswith("# --- "):
             lines += ["", line[6:]]
     presets = (f"{n} ({p['n_layer']} layers, d={p['n_embd']}, {p['max_steps']} steps)"
@@ -1168,11 +1190,14 @@ def resume_config(overrides, defaults):
     if cfg.get("world_size", 1) != ranks()[1]:     # torchrun's N (absent: 1)
         raise ConfigError(f"--resume: the run in {os.path.dirname(path)} ran in {cfg.get('world_size', 1)} "
                           f"process(es), not {ranks()[1]}: resume it with the same torchrun --nproc_per_node")
+    cfg["compile"] = False      # --compile holds for the invocation that gives it: a resume never inherits it
+    # the step counts that may grow: `shuffled` cuts its segments from max_steps, so not max_steps
+    growable = ("finetune_steps",) if cfg["method"] == "shuffled" else ("finetune_steps", "max_steps")
     for k, v in overrides.items():
-        grows = k == "finetune_steps" or (k == "max_steps" and cfg["method"] != "shuffled")
-        if v != cfg[k] and k not in RESUMABLE and not (grows and v > cfg[k]):
-            raise ConfigError(f"--{k}: the run in {os.path.dirname(path)} has {k}={cfg[k]!r}; a resumed run "
-                              f"may change only {', '.join(sorted(RESUMABLE))} and grow the step counts")
+        if v != cfg[k] and k not in RESUMABLE and not (k in growable and v > cfg[k]):
+            raise ConfigError(f"--{k}: the run in {os.path.dirname(path)} has {k}={cfg[k]!r}; a resumed "
+                              f"run may change only {', '.join(sorted(RESUMABLE))} and grow "
+                              f"{' and '.join(growable)}")
         cfg[k] = v
     return cfg
 
@@ -1183,12 +1208,9 @@ def check(cfg):
     def need(ok, key, what):
         if not ok:
             raise ConfigError(f"--{key}: {what}, got {cfg[key]!r}")
-    for k in ("batch_size", "big_batch_size", "specific_batch_size", "seq_len", "n_layer", "n_head", "n_embd",
-              "n_hidden", "eval_interval", "eval_batch_size", "weighter_dim", "outer_every", "soba_chunks",
-              "max_steps", "cds_finetune_steps", "lisa_interval", "scalebio_alpha"):
-        need(cfg[k] > 0, k, "must be positive")
-    for k in ("finetune_steps", "eval_examples", "specific_train_docs", "cds_pretrain_steps"):
-        need(cfg[k] >= 0, k, "must be non-negative")
+    for rule, keys in RULES.items():
+        for k in keys.split():
+            need(in_range(cfg[k], rule), k, f"must be in {rule}")
     for k, choices in (("method", METHODS), ("filter", ("importance", "without_replacement", "top")),
                        ("soba_v_optim", ("adam", "sgd")), ("doc_mode", ("chunk", "first"))):
         need(cfg[k] in choices, k, f"expected one of {', '.join(choices)}")
@@ -1196,17 +1218,34 @@ def check(cfg):
          f"must be at most --big_batch_size={cfg['big_batch_size']}")
     for k in ("batch_size", "big_batch_size", "specific_batch_size"):     # global sizes: 1/N per rank
         need(cfg[k] % ranks()[1] == 0, k, f"must be divisible by the {ranks()[1]} processes of torchrun")
+    need(cfg["out_dir"], "out_dir", "must name a directory")
     need(cfg["n_embd"] % cfg["n_head"] == 0, "n_embd", f"must be a multiple of --n_head={cfg['n_head']}")
+    # memory sanity, in FP32 bytes: one layer's attention matrix for a batch, and α's activations over B;
+    # over 64 GiB is a typo (--seq_len=100000), not an experiment
+    rows = max(cfg["batch_size"], cfg["eval_batch_size"], cfg["specific_batch_size"])
+    for key, n in (("seq_len", rows * cfg["n_head"] * cfg["seq_len"] ** 2),
+                   ("big_batch_size", cfg["big_batch_size"] * cfg["seq_len"] * cfg["weighter_dim"])):
+        need(4 * n <= 2**36, key, f"a batch would need {4 * n / 2**30:,.0f} GiB of memory (at most 64)")
     need(not cfg["lisa"] or 0 < cfg["lisa_layers"] <= cfg["n_layer"], "lisa_layers",
          f"must be in 1..n_layer={cfg['n_layer']}")
     need(not cfg["lisa"] or cfg["method"] == "scalebio", "lisa", "only --method=scalebio uses LISA")
     need(cfg["noise_sources"] != 1 and cfg["noise_sources"] >= 0, "noise_sources", "must be 0 (off) or >= 2")
     need(cfg["method"] != "cds" or cds_pretrain(cfg) < cfg["max_steps"], "cds_pretrain_steps",
          f"must leave a selection step within --max_steps={cfg['max_steps']}")
-    resolve_device(cfg["device"])          # an unknown or unavailable device: one line, before any output
+    # an unknown or unavailable device: one line, before any output; torch.compile only on CUDA
+    dev = resolve_device(cfg["device"])
+    need(dev.startswith("cuda") or not cfg["compile"], "compile", f"runs on CUDA only (the device is {dev})")
     need(cfg["method"] != "frozen" or cfg["weighter_ckpt"], "weighter_ckpt", "--method=frozen needs a run")
     need(cfg["method"] != "shuffled" or cfg["weighter_trajectory"], "weighter_trajectory",
          "--method=shuffled needs a run dir that saved weighters/")
+
+
+def in_range(value, rule):
+    """Whether value lies in an interval of RULES, "(0, inf)", "[0, 1)", …: a square bracket includes its end
+    (NaN lies in none)."""
+    low, high = (float(t) for t in rule[1:-1].split(","))
+    above = low <= value if rule[0] == "[" else low < value
+    return above and (value <= high if rule[-1] == "]" else value < high)
 
 
 def run(cfg, defaults):
@@ -1215,18 +1254,22 @@ def run(cfg, defaults):
     exit status. torchrun: rank 0 alone checks and writes out_dir."""
     rank0 = ranks()[0] == 0
     found = prepare_out_dir(cfg) if rank0 else []    # checked first: a refusal costs no data loading
-    changed = {k: v for k, v in cfg.items() if v != defaults.get(k) and k != "world_size"}
+    changed = {k: v for k, v in cfg.items() if v != defaults.get(k) and k not in ("world_size", "inputs")}
     print("settings: " + (" ".join(f"--{k}={v}" for k, v in changed.items()) or "the defaults"))
     if ranks()[1] > 1:
         cfg["world_size"] = ranks()[1]     # saved in config.json: a resume needs the same N
     ctx = setup(cfg)
+    # what the run reads (files, sizes, times, example counts), in config.json: a resume must find the same
+    cfg["inputs"] = data.fingerprint(cfg, ctx.generic, ctx.specifics)
     start = load_checkpoint(ctx) if cfg["resume"] else 0
     if rank0:
         os.makedirs(cfg["out_dir"], exist_ok=True)
         if cfg["resume"]:
             truncate_log(os.path.join(cfg["out_dir"], "log.jsonl"), start)
         remove_run_files(cfg["out_dir"], [] if cfg["resume"] else found)    # --overwrite
-        write_json(os.path.join(cfg["out_dir"], "config.json"), cfg)
+        # --compile belongs to the invocation that gives it: a resume's is not saved (nor inherited)
+        saved = {**cfg, "compile": cfg["compile"] and not cfg["resume"]}
+        write_json(os.path.join(cfg["out_dir"], "config.json"), saved)
     n_params = sum(p.numel() for p in ctx.model.parameters())
     print(f"{cfg['method']} | θ: {n_params / 1e6:.2f}M params | {ctx.device} | generic "
           f"{len(ctx.generic.train)} train examples, {len(ctx.generic.sources)} sources | specific "
@@ -1251,15 +1294,24 @@ def main(argv):
     defaults = {k: globals()[k] for k in config_keys}
     if ranks()[0] > 0:                   # torchrun: rank 0 prints for all
         sys.stdout = open(os.devnull, "w")
+    # SIGTERM before training starts (while the corpus is read) stops as Ctrl-C does; run() handles both after
+    sigterm = signal.signal(signal.SIGTERM, stopped_early)
     try:
         return run(parse_args(argv, defaults), defaults)
     except (data.DataError, TrainingError) as e:
         if ranks()[0] == 0:      # torchrun: every rank meets the same error, rank 0 prints it
             print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:     # Ctrl-C before training started (e.g. while reading the corpus)
+    except KeyboardInterrupt as e:     # Ctrl-C or SIGTERM before training started (e.g. reading the corpus)
         print("interrupted before training started; nothing was written", file=sys.stderr)
-        return 130
+        return 128 + (e.args[0] if e.args else signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+
+
+def stopped_early(signum, frame):
+    """The SIGTERM handler until training starts: the KeyboardInterrupt of Ctrl-C, carrying the signal."""
+    raise KeyboardInterrupt(signum)
 
 
 if __name__ == "__main__":
