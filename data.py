@@ -60,6 +60,7 @@ class Corpus:
     test: Examples
     sources: list            # list[str]
     name: str                # the spec string, or "builtin:generic" / "builtin:specific"
+    doc_hash: np.ndarray = None  # (n_docs,) int64: a hash of each document's bytes, by doc id (files only)
 
 
 def _examples(x: np.ndarray, source_id: np.ndarray, doc_id: np.ndarray, sources: list) -> Examples:
@@ -245,7 +246,7 @@ def load_corpus(spec: str, seq_len: int, doc_mode: str = "chunk", flag: str = "-
     data = {s: [] for s in SPLITS}
     docs = {s: [] for s in SPLITS}
     names = {}  # source name -> index in order of first appearance
-    n_docs = 0
+    n_docs, hashes = 0, []    # hashes: 64 bits of the MD5 of each document's bytes, by doc id (contamination)
     files = resolve_files(spec, flag)
     for path in files:    # an empty file among several is skipped (a single named one is an error)
         for b, source, given in read_documents(path, hash_splits=False, skip_empty=len(files) > 1):
@@ -253,6 +254,7 @@ def load_corpus(spec: str, seq_len: int, doc_mode: str = "chunk", flag: str = "-
             chunk, n = windows(b, seq_len, doc_mode)
             data[split].append(chunk)
             docs[split].append((names.setdefault(source, len(names)), n_docs, n, given is None))
+            hashes.append(int.from_bytes(hashlib.md5(b).digest()[:8], "little", signed=True))
             n_docs += 1
     # small document sets: a source with >= 2 documents, none of which hashed into train, gets its
     # first hash-split one moved to train (otherwise it would never be trained on); a split given in
@@ -278,7 +280,7 @@ def load_corpus(spec: str, seq_len: int, doc_mode: str = "chunk", flag: str = "-
         src, did, n = meta[:, 0], meta[:, 1], meta[:, 2]
         return _examples(x, remap[np.repeat(src, n)], np.repeat(did, n), sources)
 
-    return Corpus(build("train"), build("valid"), build("test"), sources, spec)
+    return Corpus(build("train"), build("valid"), build("test"), sources, spec, np.array(hashes, dtype=np.int64))
 
 
 def load_data(cfg: dict, pool_needed: int = 1):
@@ -339,36 +341,37 @@ def trained_sources(g: Corpus) -> Corpus:
     def kept(e: Examples) -> Examples:
         e = e.subset(keep[e.source_id])
         return Examples(e.x, new_id[e.source_id], e.doc_id, sources)
-    return Corpus(kept(g.train), kept(g.valid), kept(g.test), sources, g.name)
+    return Corpus(kept(g.train), kept(g.valid), kept(g.test), sources, g.name, g.doc_hash)
 
 
-def document_hashes(e: Examples) -> dict:
-    """{hash of a document's bytes: the row of its first window}, the bytes being the document's windows as the model
-    reads them, padding stripped: its first seq_len bytes (doc_mode=first) or all of it (chunk).
-    The windows of one document are consecutive rows (load_corpus), so each is one slice."""
-    ids = e.doc_id.numpy()
-    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])           # first row of each document
-    ends, x = np.r_[starts[1:], len(ids)], e.x.numpy()
-    return {hashlib.md5(x[a:b].tobytes().rstrip(b"\0")).digest(): int(a) for a, b in zip(starts, ends)}
+def document_hashes(c: Corpus, e: Examples) -> tuple:
+    """(hash of each document of e, the row of its first window): e's documents, one entry each."""
+    ids, rows = np.unique(e.doc_id.numpy(), return_index=True)
+    return c.doc_hash[ids].tolist(), rows
 
 
 def check_overlap(g: Corpus, specifics: list, allow: bool):
-    """Contamination, by a hash of each document's bytes: a specific set's valid or test document that
-    is also in the generic training pool is an error naming the files and the count (allow: a warning);
+    """Contamination, by a hash of each document's bytes (all of it, as read): a specific set's valid or test document that
+    is also in the generic corpus is an error naming the files and the count (allow: a warning);
     documents shared by a specific set's own splits are a warning with their counts."""
-    pool = document_hashes(g.train)
+    # every generic document, whatever its split: identical documents share a hash split, so a copy of
+    # the specific file in --generic would otherwise sit in generic valid/test, one edit from training
+    pool = {}                                                             # {hash: the document's source id}
+    for e in (g.train, g.valid, g.test):
+        hashes, rows = document_hashes(g, e)
+        pool.update(zip(hashes, e.source_id[rows].tolist()))
     for s in specifics:
-        h = {split: document_hashes(getattr(s, split)) for split in SPLITS}
+        h = {split: document_hashes(s, getattr(s, split))[0] for split in SPLITS}
         shared = [k for split in ("valid", "test") for k in h[split] if k in pool]
         if shared:
-            where = sorted({g.sources[int(g.train.source_id[pool[k]])] for k in shared})
-            msg = (f"{len(shared)} valid/test documents of --specific {s.name} are also in the generic training "
-                   f"pool (--generic {g.name}, sources {', '.join(where[:5])}{' …' if len(where) > 5 else ''})")
+            where = sorted({g.sources[pool[k]] for k in shared})
+            msg = (f"{len(shared)} valid/test documents of --specific {s.name} are also in the generic corpus "
+                   f"(--generic {g.name}, sources {', '.join(where[:5])}{' …' if len(where) > 5 else ''})")
             if not allow:
-                raise DataError(f"{msg}: the model would train on them; remove them, or --allow_overlap")
+                raise DataError(f"{msg}: remove them from --generic, or --allow_overlap")
             print(f"warning: {msg} (--allow_overlap)")
-        pairs = [(a, b, sum(k in h[a] for k in h[b])) for a, b in (("train", "valid"), ("train", "test"),
-                                                                     ("valid", "test"))]
+        pairs = [(a, b, sum(k in set(h[a]) for k in h[b])) for a, b in (("train", "valid"), ("train", "test"),
+                                                                          ("valid", "test"))]
         counts = [f"{n} {b} documents copy {a} ones" for a, b, n in pairs if n]
         if counts:
             print(f"warning: --specific {s.name}: {', '.join(counts)}")

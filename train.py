@@ -1219,7 +1219,9 @@ def check(cfg):
     for k in ("batch_size", "big_batch_size", "specific_batch_size"):     # global sizes: 1/N per rank
         need(cfg[k] % ranks()[1] == 0, k, f"must be divisible by the {ranks()[1]} processes of torchrun")
     need(cfg["out_dir"], "out_dir", "must name a directory")
-    need(cfg["n_embd"] % cfg["n_head"] == 0, "n_embd", f"must be a multiple of --n_head={cfg['n_head']}")
+    # attention splits d into n_head heads; the sinusoidal positions fill d in (sin, cos) pairs: d even
+    need(cfg["n_embd"] % cfg["n_head"] == 0 and cfg["n_embd"] % 2 == 0, "n_embd",
+         f"must be even and a multiple of --n_head={cfg['n_head']}")
     # memory sanity, in FP32 bytes: one layer's attention matrix for a batch, and α's activations over B;
     # over 64 GiB is a typo (--seq_len=100000), not an experiment
     rows = max(cfg["batch_size"], cfg["eval_batch_size"], cfg["specific_batch_size"])
