@@ -280,7 +280,8 @@ def load_corpus(spec: str, seq_len: int, doc_mode: str = "chunk", flag: str = "-
         src, did, n = meta[:, 0], meta[:, 1], meta[:, 2]
         return _examples(x, remap[np.repeat(src, n)], np.repeat(did, n), sources)
 
-    return Corpus(build("train"), build("valid"), build("test"), sources, spec, np.array(hashes, dtype=np.int64))
+    doc_hash = np.array(hashes, dtype=np.int64)                          # (n_docs,)
+    return Corpus(build("train"), build("valid"), build("test"), sources, spec, doc_hash)
 
 
 def load_data(cfg: dict, pool_needed: int = 1):
@@ -325,23 +326,20 @@ def load_data(cfg: dict, pool_needed: int = 1):
 
 def trained_sources(g: Corpus) -> Corpus:
     """The generic corpus without its sources that have no training example (a single short .txt whose
-    document hashed into valid or test): no weight, no share of the pool can be learned for them. Their
-    valid and test documents go too; a warning lists them once."""
+    document hashed into valid or test): no weight, no share of the pool can be learned for them (a
+    warning lists them once). Valid and test keep every document, their ids into their own full
+    Examples.sources (only their bytes are evaluated)."""
     counts = torch.bincount(g.train.source_id, minlength=len(g.sources))                    # (K,)
     if counts.all():
         return g
     empty = [n for n, c in zip(g.sources, counts.tolist()) if c == 0]
     shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
-    print(f"warning: --generic: {len(empty)} of {len(g.sources)} sources have no training example and are "
-          f"left out (with their valid and test documents): {shown}")
-    keep = counts > 0
-    new_id = torch.cumsum(keep, 0) - 1                                 # (K,) old source id -> new id
-    sources = [n for n, k in zip(g.sources, keep.tolist()) if k]
-
-    def kept(e: Examples) -> Examples:
-        e = e.subset(keep[e.source_id])
-        return Examples(e.x, new_id[e.source_id], e.doc_id, sources)
-    return Corpus(kept(g.train), kept(g.valid), kept(g.test), sources, g.name, g.doc_hash)
+    print(f"warning: --generic: {len(empty)} of {len(g.sources)} sources have no training example: left out "
+          f"of the source weights and shares: {shown}")
+    new_id = torch.cumsum(counts > 0, 0) - 1                            # (K,) old source id -> new id
+    sources = [n for n, c in zip(g.sources, counts.tolist()) if c > 0]
+    train = Examples(g.train.x, new_id[g.train.source_id], g.train.doc_id, sources)
+    return Corpus(train, g.valid, g.test, sources, g.name, g.doc_hash)
 
 
 def document_hashes(c: Corpus, e: Examples) -> tuple:
@@ -351,27 +349,29 @@ def document_hashes(c: Corpus, e: Examples) -> tuple:
 
 
 def check_overlap(g: Corpus, specifics: list, allow: bool):
-    """Contamination, by a hash of each document's bytes (all of it, as read): a specific set's valid or test document that
-    is also in the generic corpus is an error naming the files and the count (allow: a warning);
-    documents shared by a specific set's own splits are a warning with their counts."""
+    """Contamination, by a hash of each document's bytes (all of it, as read): a specific set's valid or
+    test document that is also in the generic corpus is an error naming the files and the count (allow: a
+    warning); documents shared by a specific set's own splits are a warning with their counts."""
     # every generic document, whatever its split: identical documents share a hash split, so a copy of
     # the specific file in --generic would otherwise sit in generic valid/test, one edit from training
-    pool = {}                                                             # {hash: the document's source id}
+    pool = {}                                                         # {hash: the document's source}
     for e in (g.train, g.valid, g.test):
         hashes, rows = document_hashes(g, e)
-        pool.update(zip(hashes, e.source_id[rows].tolist()))
+        pool.update(zip(hashes, (e.sources[i] for i in e.source_id[rows].tolist())))
     for s in specifics:
         h = {split: document_hashes(s, getattr(s, split))[0] for split in SPLITS}
         shared = [k for split in ("valid", "test") for k in h[split] if k in pool]
         if shared:
-            where = sorted({g.sources[pool[k]] for k in shared})
-            msg = (f"{len(shared)} valid/test documents of --specific {s.name} are also in the generic corpus "
-                   f"(--generic {g.name}, sources {', '.join(where[:5])}{' …' if len(where) > 5 else ''})")
+            where = sorted({pool[k] for k in shared})
+            more = " …" if len(where) > 5 else ""
+            msg = (f"{len(shared)} valid/test documents of --specific {s.name} are also in the generic "
+                   f"corpus (--generic {g.name}, sources {', '.join(where[:5])}{more})")
             if not allow:
                 raise DataError(f"{msg}: remove them from --generic, or --allow_overlap")
             print(f"warning: {msg} (--allow_overlap)")
-        pairs = [(a, b, sum(k in set(h[a]) for k in h[b])) for a, b in (("train", "valid"), ("train", "test"),
-                                                                          ("valid", "test"))]
+        seen = {split: set(h[split]) for split in SPLITS}
+        pairs = [(a, b, sum(k in seen[a] for k in h[b])) for a, b in (("train", "valid"), ("train", "test"),
+                                                                       ("valid", "test"))]
         counts = [f"{n} {b} documents copy {a} ones" for a, b, n in pairs if n]
         if counts:
             print(f"warning: --specific {s.name}: {', '.join(counts)}")
