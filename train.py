@@ -49,6 +49,7 @@ import sys
 import time
 import resource
 import shutil
+import tempfile
 from functools import partial
 from types import SimpleNamespace
 from typing import Callable, NamedTuple
@@ -1088,9 +1089,12 @@ def prepare_out_dir(cfg):
     near = os.path.abspath(cfg["out_dir"])
     while not os.path.exists(near):
         near = os.path.dirname(near)
-    if not os.path.isdir(near) or not os.access(near, os.W_OK | os.X_OK):
-        why = "is not writable (permissions, a read-only file system)" if os.path.isdir(near) else "is a file"
-        raise ConfigError(f"--out_dir: {near} {why}")
+    if not os.path.isdir(near):
+        raise ConfigError(f"--out_dir: {near} is a file")
+    try:     # a probe file, gone at once (os.access says yes to root, even on a read-only file system)
+        tempfile.TemporaryFile(dir=near).close()
+    except OSError as e:
+        raise ConfigError(f"--out_dir: cannot write in {near} ({e.strerror})") from None
     found = run_files(cfg["out_dir"])
     if found and not cfg["resume"] and not cfg["overwrite"]:
         raise ConfigError(f"--out_dir: {cfg['out_dir']} holds another run ({', '.join(found)}): continue it "

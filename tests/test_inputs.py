@@ -57,6 +57,8 @@ def test_bad_out_dir_fails_before_the_data_is_read(tmp_path, run, monkeypatch):
         assert res.returncode == 2
         assert_one_line_error(res, "--out_dir", "is a file")
     assert (tmp_path / "file").read_text() == "x"
+    if os.path.isdir("/proc"):      # a place no one writes in, root included
+        assert_one_line_error(run(["--out_dir=/proc/run", *TINY]), "--out_dir", "cannot write in /proc")
 
 
 def test_a_resume_never_inherits_compile_and_shuffled_names_its_rule(tmp_path):
