@@ -60,6 +60,7 @@ class Corpus:
     test: Examples
     sources: list            # list[str]
     name: str                # the spec string, or "builtin:generic" / "builtin:specific"
+    doc_hash: np.ndarray = None  # (n_docs,) int64: a hash of each document's bytes, by doc id (files only)
 
 
 def _examples(x: np.ndarray, source_id: np.ndarray, doc_id: np.ndarray, sources: list) -> Examples:
@@ -153,27 +154,33 @@ def resolve_files(spec: str, flag: str = "--generic") -> list[str]:
     return list(dict.fromkeys(files))
 
 
+def _decode(raw: bytes) -> tuple[str, int]:
+    # (text, how many invalid UTF-8 sequences became U+FFFD): .txt and .jsonl read bytes alike
+    text = raw.decode("utf-8", errors="replace")
+    return text, text.count("\ufffd") - raw.count("\ufffd".encode())
+
+
 def _read_txt(path: str):
-    # one document per file; yields (text, source, split) like _read_jsonl
+    # one document per file; yields (text, source, split, n invalid) like _read_jsonl
     with open(path, "rb") as f:
-        raw = f.read()
+        text, n_invalid = _decode(f.read())
     name = os.path.basename(path)[: -len(".txt")]
-    yield raw.decode("utf-8", errors="replace"), name, None
+    yield text, name, None, n_invalid
 
 
 def _read_jsonl(path: str):
     # one JSON record per line: {"text": str, "source": str?, "split": str?}
     name = os.path.basename(path)[: -len(_suffix(path))]
     opener = gzip.open if path.endswith(".gz") else open
-    n_records = 0
     with opener(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue  # blank lines are skipped
             where = f"{path}:{lineno}"
+            text, n_invalid = _decode(line)     # invalid UTF-8 becomes U+FFFD, as in a .txt file
             try:
-                rec = json.loads(line)
-            except ValueError:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+                rec = json.loads(text)
+            except ValueError:
                 raise DataError(f"{where}: not valid JSON") from None
             if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
                 raise DataError(f'{where}: record has no "text" field')
@@ -182,29 +189,27 @@ def _read_jsonl(path: str):
                 raise DataError(f'{where}: "source" must be a string, got {source!r}')
             if split is not None and split not in SPLITS:
                 raise DataError(f'{where}: unknown split {split!r} (expected "train", "valid" or "test")')
-            n_records += 1
-            yield rec["text"], source, split
-    if n_records == 0:
-        raise DataError(f"{path}: empty file (no records)")
+            yield rec["text"], source, split, n_invalid
 
 
-def read_documents(path: str, with_text: bool = False, hash_splits: bool = True):
+def read_documents(path: str, with_text: bool = False, hash_splits: bool = True, skip_empty: bool = False):
     """Yields (bytes, source, split) for each non-empty document of one file;
     split is one of SPLITS (a record's own "split", else the hash split; with
     hash_splits=False, None when the record gives none). Any problem becomes a
     one-line DataError.
     with_text: (bytes, source, split, text), text as read (what `diagnose.py
-    select` writes out), bytes its normalised encoding (what the models read)."""
+    select` writes out), bytes its normalised encoding (what the models read).
+    Invalid UTF-8 (in .txt and .jsonl alike) is read as U+FFFD, counted in a warning. skip_empty: a file
+    with no document is skipped with a warning (one of several files), not an error."""
     if not _suffix(path):
         raise DataError(f"{path}: unsupported file type (expected .txt, .jsonl or .jsonl.gz)")
     reader = _read_txt if path.endswith(".txt") else _read_jsonl
-    n_chars = n_bad = n_docs = 0
+    n_chars = n_bad = n_docs = n_replaced = 0
     try:
-        if os.path.isfile(path) and os.path.getsize(path) == 0:
-            raise DataError(f"{path}: empty file")
-        for text, source, split in reader(path):
+        for text, source, split, n_invalid in reader(path):
             b = encode(text)
             n_chars, n_bad = n_chars + len(text), n_bad + _n_bad(text, b)
+            n_replaced += n_invalid
             if not b or b.isspace():
                 continue  # empty documents give no examples
             n_docs += 1
@@ -217,8 +222,12 @@ def read_documents(path: str, with_text: bool = False, hash_splits: bool = True)
     if n_bad > MAX_BAD_FRACTION * n_chars:
         raise DataError(f"{path}: no usable text ({100 * n_bad / n_chars:.0f}% NUL, control or "
                         f"invalid UTF-8 characters: binary file?)")
-    if n_docs == 0:
-        raise DataError(f"{path}: no usable text (all documents are empty)")
+    if n_docs == 0 and skip_empty:
+        print(f"warning: {path}: an empty file (no document): skipped")
+    elif n_docs == 0:
+        raise DataError(f"{path}: empty file (no document)")
+    if n_replaced:
+        print(f"warning: {path}: {n_replaced} invalid UTF-8 sequences, read as U+FFFD")
 
 
 def _one_line(e) -> str:
@@ -237,13 +246,15 @@ def load_corpus(spec: str, seq_len: int, doc_mode: str = "chunk", flag: str = "-
     data = {s: [] for s in SPLITS}
     docs = {s: [] for s in SPLITS}
     names = {}  # source name -> index in order of first appearance
-    n_docs = 0
-    for path in resolve_files(spec, flag):
-        for b, source, given in read_documents(path, hash_splits=False):
+    n_docs, hashes = 0, []    # hashes: 64 bits of the MD5 of each document's bytes, by doc id (contamination)
+    files = resolve_files(spec, flag)
+    for path in files:    # an empty file among several is skipped (a single named one is an error)
+        for b, source, given in read_documents(path, hash_splits=False, skip_empty=len(files) > 1):
             split = given or hash_split(b)
             chunk, n = windows(b, seq_len, doc_mode)
             data[split].append(chunk)
             docs[split].append((names.setdefault(source, len(names)), n_docs, n, given is None))
+            hashes.append(int.from_bytes(hashlib.md5(b).digest()[:8], "little", signed=True))
             n_docs += 1
     # small document sets: a source with >= 2 documents, none of which hashed into train, gets its
     # first hash-split one moved to train (otherwise it would never be trained on); a split given in
@@ -269,7 +280,8 @@ def load_corpus(spec: str, seq_len: int, doc_mode: str = "chunk", flag: str = "-
         src, did, n = meta[:, 0], meta[:, 1], meta[:, 2]
         return _examples(x, remap[np.repeat(src, n)], np.repeat(did, n), sources)
 
-    return Corpus(build("train"), build("valid"), build("test"), sources, spec)
+    doc_hash = np.array(hashes, dtype=np.int64)                          # (n_docs,)
+    return Corpus(build("train"), build("valid"), build("test"), sources, spec, doc_hash)
 
 
 def load_data(cfg: dict, pool_needed: int = 1):
@@ -290,6 +302,8 @@ def load_data(cfg: dict, pool_needed: int = 1):
         g = load_corpus(generic, seq_len, doc_mode, flag="--generic")
         specifics = [load_corpus(spec, seq_len, doc_mode, flag="--specific") for spec in specific.split(";")]
         info = {}
+        g = trained_sources(g)
+        check_overlap(g, specifics, cfg.get("allow_overlap", False))
     if cfg["noise_sources"]:   # the denoising setting: the generic corpus re-labelled into K noisy sources
         g, info = noisy_corpus(g, cfg["noise_sources"], seed), {}
     for s in specifics:
@@ -308,6 +322,78 @@ def load_data(cfg: dict, pool_needed: int = 1):
     if len(g.valid) == 0:
         print("warning: --generic: no document fell in the valid split; the generic valid loss is skipped")
     return g, specifics, info
+
+
+def trained_sources(g: Corpus) -> Corpus:
+    """The generic corpus without its sources that have no training example (a single short .txt whose
+    document hashed into valid or test): no weight, no share of the pool can be learned for them (a
+    warning lists them once). Valid and test keep every document, their ids into their own full
+    Examples.sources (only their bytes are evaluated)."""
+    counts = torch.bincount(g.train.source_id, minlength=len(g.sources))                    # (K,)
+    if counts.all():
+        return g
+    empty = [n for n, c in zip(g.sources, counts.tolist()) if c == 0]
+    shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+    print(f"warning: --generic: {len(empty)} of {len(g.sources)} sources have no training example: left out "
+          f"of the source weights and shares: {shown}")
+    new_id = torch.cumsum(counts > 0, 0) - 1                            # (K,) old source id -> new id
+    sources = [n for n, c in zip(g.sources, counts.tolist()) if c > 0]
+    train = Examples(g.train.x, new_id[g.train.source_id], g.train.doc_id, sources)
+    return Corpus(train, g.valid, g.test, sources, g.name, g.doc_hash)
+
+
+def document_hashes(c: Corpus, e: Examples) -> tuple:
+    """(hash of each document of e, the row of its first window): e's documents, one entry each."""
+    ids, rows = np.unique(e.doc_id.numpy(), return_index=True)
+    return c.doc_hash[ids].tolist(), rows
+
+
+def check_overlap(g: Corpus, specifics: list, allow: bool):
+    """Contamination, by a hash of each document's bytes (all of it, as read): a specific set's valid or
+    test document that is also in the generic corpus is an error naming the files and the count (allow: a
+    warning); documents shared by a specific set's own splits are a warning with their counts."""
+    # every generic document, whatever its split: identical documents share a hash split, so a copy of
+    # the specific file in --generic would otherwise sit in generic valid/test, one edit from training
+    pool = {}                                                         # {hash: the document's source}
+    for e in (g.train, g.valid, g.test):
+        hashes, rows = document_hashes(g, e)
+        pool.update(zip(hashes, (e.sources[i] for i in e.source_id[rows].tolist())))
+    for s in specifics:
+        h = {split: document_hashes(s, getattr(s, split))[0] for split in SPLITS}
+        shared = [k for split in ("valid", "test") for k in h[split] if k in pool]
+        if shared:
+            where = sorted({pool[k] for k in shared})
+            more = " …" if len(where) > 5 else ""
+            msg = (f"{len(shared)} valid/test documents of --specific {s.name} are also in the generic "
+                   f"corpus (--generic {g.name}, sources {', '.join(where[:5])}{more})")
+            if not allow:
+                raise DataError(f"{msg}: remove them from --generic, or --allow_overlap")
+            print(f"warning: {msg} (--allow_overlap)")
+        seen = {split: set(h[split]) for split in SPLITS}
+        pairs = [(a, b, sum(k in seen[a] for k in h[b])) for a, b in (("train", "valid"), ("train", "test"),
+                                                                       ("valid", "test"))]
+        counts = [f"{n} {b} documents copy {a} ones" for a, b, n in pairs if n]
+        if counts:
+            print(f"warning: --specific {s.name}: {', '.join(counts)}")
+
+
+def fingerprint(cfg: dict, g: Corpus, specifics: list) -> dict:
+    """What a run reads: each input file's size and modification time, and each corpus's example counts.
+    On --resume (cfg["inputs"] saved by the run): a one-line DataError naming what changed."""
+    now = {}
+    for flag, specs in (("--generic", [cfg["generic"]]), ("--specific", cfg["specific"].split(";"))):
+        for path in (f for spec in specs if spec for f in resolve_files(spec, flag)):
+            st = os.stat(path)
+            now[f"{flag} file {os.path.abspath(path)}"] = f"{st.st_size} bytes, modified {st.st_mtime_ns} ns"
+    for c in [g, *specifics]:
+        now[f"{c.name} examples"] = f"{len(c.train)} train, {len(c.valid)} valid, {len(c.test)} test"
+    saved = cfg.get("inputs") if cfg["resume"] else None
+    if saved is not None and saved != now:
+        diff = [f"{k}: {saved.get(k, 'absent')} -> {now.get(k, 'absent')}"
+                for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+        raise DataError(f"--resume: the data changed since the run started ({'; '.join(diff[:3])}"
+                        f"{'; …' if len(diff) > 3 else ''}): resume with the same files, or start a new run")
+    return now
 
 
 def noisy_corpus(g: Corpus, K: int, seed: int) -> Corpus:
@@ -361,7 +447,10 @@ def atomic_write(path, write):
 
 def write_json(path, obj):
     """config.json and summary.json: indented JSON, written atomically."""
-    atomic_write(path, lambda p: json.dump(obj, open(p, "w"), indent=1))
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    atomic_write(path, write)
 
 
 def document_subset(examples: Examples, n: int, seed: int, flag: str = "--specific_train_docs") -> Examples:

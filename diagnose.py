@@ -42,6 +42,7 @@ import bilevel
 import data
 import train
 import weighter
+from model import CONFIG_KEYS
 from weighter import Weighter, score
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -174,7 +175,7 @@ SAR_OPTIONS = dict(
     ckpt=("", "θ from this train.py checkpoint (ckpt.pt or run directory); else pretrained here"),
     pretrain_steps=(300, "without --ckpt: baseline steps on the generic data that give θ"),
     draws=(20, "draws of (B_specific, B_generic, held-out examples x)"),
-    n_examples=(64, "held-out examples x of each kind per draw"),
+    n_examples=(64, "held-out examples x of each kind per draw (at most 1024)"),
     out_json=("", "also write the rates and their intervals here"),
     save_ckpt=("", "without --ckpt: save the pretrained θ here, for later `sar --ckpt=...`"))
 
@@ -219,10 +220,11 @@ def bootstrap_over_draws(ind, n_boot=2000, seed=0):
     return torch.quantile(means, 0.025).item(), torch.quantile(means, 0.975).item()
 
 
-def rate_summary(ind):
-    """ind: (draws, n) bool → {rate, bootstrap CI, Wilson CI, n}."""
-    k, n = int(ind.sum()), ind.numel()
-    return dict(rate=k / n, ci95_bootstrap_draws=bootstrap_over_draws(ind), ci95_wilson=wilson(k, n), n=n)
+def rate_summary(ind, n_docs):
+    """ind: (draws, n) bool → {rate, bootstrap CI, Wilson CI over the n_docs distinct documents, n}."""
+    rate, n = ind.float().mean().item(), ind.numel()
+    return dict(rate=rate, ci95_bootstrap_draws=bootstrap_over_draws(ind), n=n, n_docs=n_docs,
+                ci95_wilson=wilson(rate * n_docs, n_docs))
 
 
 def sar_setup(opts, train_argv):
@@ -231,7 +233,9 @@ def sar_setup(opts, train_argv):
     for t steps") with train.py's own step and learning-rate schedule."""
     ckpt, steps = opts["ckpt"], opts["pretrain_steps"]
     if ckpt:
-        need(not any(a.startswith("--preset=") for a in train_argv), "--preset: not with --ckpt (it has one)")
+        # the checkpoint fixes the preset and θ's shape: a flag for them would not match its state_dict
+        fixed = [a.split("=")[0] for a in train_argv if a[2:].split("=")[0] in ("preset", *CONFIG_KEYS)]
+        need(not fixed, f"{', '.join(fixed)}: not with --ckpt (the checkpoint fixes the model's settings)")
         st = data.read_checkpoint(os.path.join(ckpt, "ckpt.pt") if os.path.isdir(ckpt) else ckpt, "--ckpt")
         need("model" in st and "config" in st, f"--ckpt: {ckpt} holds no model θ (a weighters/ snapshot?)")
         # the checkpoint's settings, and the ones given here over them (e.g. another --specific)
@@ -263,26 +267,29 @@ def cmd_sar(opts, train_argv):
     cannot tell them apart, and bilevel selection is unlikely to help. Paper, Table 8: language modelling
     (C4 -> Reuters) SAR 86.2%, GAR 69.4%; image classification, where selection did not help, 50.3%,
     49.8%."""
-    need(opts["draws"] > 0 and opts["n_examples"] > 0, "--draws and --n_examples: must be positive")
+    need(opts["draws"] > 0 and 0 < opts["n_examples"] <= 1024, "--draws: > 0; --n_examples: in 1..1024")
     ctx, origin, steps = sar_setup(opts, train_argv)
     need(len(ctx.specifics) == 1, "--specific: sar takes one specific set")
     if steps < 200:      # a θ this close to its initialisation: the rates say little about training
         print(f"warning: θ trained {steps} steps (< 200): the rates are not meaningful yet", file=sys.stderr)
     cfg, b, n, spec, gen = ctx.cfg, ctx.cfg["batch_size"], opts["n_examples"], ctx.specifics[0], ctx.generic
-    g, ind = torch.Generator().manual_seed(cfg["seed"] + 1000), []
+    g, ind, docs = torch.Generator().manual_seed(cfg["seed"] + 1000), [], []
     for _ in tqdm(range(opts["draws"]), desc="SAR/GAR draws", leave=False, disable=None):
         # each draw: fresh held-out x (n, T) of both kinds, fresh training batches B_specific, B_generic
         # (b, T): x_specific, x_generic, B_specific, B_generic, each of uniform draws of rows
-        x = [e.x[torch.randint(len(e), (k,), generator=g)].to(ctx.device)
-             for e, k in ((spec.valid, n), (gen.valid, n), (spec.train, b), (gen.train, b))]
-        ind.append(acceleration_indicators(ctx.model.eval(), *x))
-    res = dict(sar=rate_summary(torch.stack([s.cpu() for s, _ in ind])), theta=origin, theta_steps=steps,
-               gar=rate_summary(torch.stack([r.cpu() for _, r in ind])), generic=cfg["generic"] or "builtin",
+        rows = [(e, torch.randint(len(e), (k,), generator=g))
+                for e, k in ((spec.valid, n), (gen.valid, n), (spec.train, b), (gen.train, b))]
+        ind.append(acceleration_indicators(ctx.model.eval(), *(e.x[i].to(ctx.device) for e, i in rows)))
+        docs.append([e.doc_id[i] for e, i in rows[:2]])     # the held-out documents drawn (with repeats)
+    # the Wilson interval over the distinct held-out documents: a repeat draw is not a new observation
+    n_docs = [len(torch.unique(torch.cat([d[k] for d in docs]))) for k in (0, 1)]
+    sar, gar = (rate_summary(torch.stack([pair[k].cpu() for pair in ind]), n_docs[k]) for k in (0, 1))
+    res = dict(sar=sar, gar=gar, theta=origin, theta_steps=steps, generic=cfg["generic"] or "builtin",
                specific=cfg["specific"] or "builtin", batch_size=b, draws=len(ind), n_examples_per_draw=n)
     for name in ("sar", "gar"):
         r, (lo, hi), (wlo, whi) = res[name], res[name]["ci95_bootstrap_draws"], res[name]["ci95_wilson"]
         print(f"{name.upper()} {100 * r['rate']:5.1f}%  95% CI {100 * lo:.1f}-{100 * hi:.1f} (bootstrap over "
-              f"{opts['draws']} draws; Wilson {100 * wlo:.1f}-{100 * whi:.1f} over {r['n']} examples)")
+              f"{opts['draws']} draws; Wilson {100 * wlo:.1f}-{100 * whi:.1f} over {r['n_docs']} documents)")
     # then the docstring's last paragraph: what the rates mean
     print(f"θ: {origin} | |B| = {b}\n\n" + inspect.cleandoc(cmd_sar.__doc__).split(":\n\n")[-1])
     if opts["out_json"]:
@@ -471,7 +478,8 @@ SELECT_OPTIONS = dict(
     max_docs=(0, "read only this many documents, drawn uniformly over the whole input; 0 = all"),
     first_docs=(False, "with --max_docs: the first max_docs documents in reading order instead"),
     batch=(256, "documents scored together"),
-    seed=(0, "seed of the --max_docs draw and of --mode=sample"))
+    seed=(0, "seed of the --max_docs draw and of --mode=sample"),
+    overwrite=(False, "replace an existing --output"))
 
 
 class TopK:
@@ -516,6 +524,8 @@ def check_select(opts):
     need(out not in map(os.path.realpath, inputs) and not os.path.isdir(out),
          f"--output: {opts['output']} is an input file or a directory; not writing it")
     need(os.path.isdir(os.path.dirname(out)), f"--output: {opts['output']}: no such directory")
+    need(out.endswith((".jsonl", ".jsonl.gz")), f"--output: {opts['output']}: not a .jsonl or .jsonl.gz name")
+    need(opts["overwrite"] or not os.path.exists(out), f"--output: {opts['output']} exists (--overwrite)")
 
 
 def progress(docs, what):
@@ -577,9 +587,10 @@ def cmd_select(opts, _):
 
     def write(tmp):           # pass 2: the kept documents, in reading order, as JSON lines
         with opener(tmp, "wt", encoding="utf-8") as f:
-            for i, (_, src, _, text) in numbered_documents(opts["input"], chosen, n_max):
+            for i, (_, src, split, text) in numbered_documents(opts["input"], chosen, n_max):
                 if i in keep:
-                    f.write(json.dumps({"text": text, "source": src, "score": keep[i][0]}) + "\n")
+                    rec = {"text": text, "source": src, "split": split, "score": keep[i][0]}
+                    f.write(json.dumps(rec) + "\n")
     save(opts["output"], write)
     selection_report(opts, keep, per_source, n_docs)
     return 0
@@ -725,7 +736,9 @@ def cmd_compare(opts, _):
     for run, r in info.items():      # (specific, specific_train_docs) of each run against the baseline's
         need(r["specific_set"] == info[base]["specific_set"] or opts["force"], f"{run}: not the baseline's "
              f"specific set ({r['specific_set']} vs {info[base]['specific_set']}); --force compares anyway")
-    key, horizon, at_base = opts["metric"], opts["horizon"], losses_at(info[base]["records"], opts["metric"])
+    key, horizon = opts["metric"], opts["horizon"]
+    need(any(key in rec for rec in info[base]["records"]), f"--metric: no {key!r} in {base}/log.jsonl")
+    at_base = losses_at(info[base]["records"], key)
     target = opts["target"] or (at_base.get(horizon) if horizon else info[base]["last_pretrain"].get(key))
     need(target is not None, f"{base}: no evaluation for a target (--horizon={horizon}); give --target")
     reach = {run: time_to_target(r["records"], target, key, opts["interpolate"]) for run, r in info.items()}
@@ -918,6 +931,8 @@ def cmd_table(opts, train_argv):
          "--method, --seed, --resume, --out_dir: `table` sets them itself (see --methods, --seeds)")
     need(re.fullmatch(r"\d+(,\d+)*", opts["seeds"]), "--seeds: expected integers, comma-separated")
     methods = [m for m in opts["methods"].split(",") if m] or list(TABLE2)
+    unknown = [m for m in methods if m not in train.METHODS]
+    need(not unknown, f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(train.METHODS)})")
     sets, notes, status = specific_sets(opts, train_argv), [], {}
     if not opts["assemble_only"]:
         need(opts["jobs"] >= 1, f"--jobs: must be at least 1, got {opts['jobs']}")
@@ -1127,7 +1142,7 @@ GPUCHECK_OPTIONS = dict(
     steps=(200, "training steps of each train.py run (baseline, Sparse SOBA)"),
     bench_steps=(10, "timed steps per method"), bench_warmup=(3, "untimed steps per method first"),
     tests=("tests/test_cuda.py", "the pytest file run first, relative to the repository; empty = none"),
-    run_dir=("gpucheck", "directory of the train.py runs (RUN_DIR/baseline, RUN_DIR/soba)"),
+    run_dir=("", "directory of the train.py runs (RUN_DIR/baseline, RUN_DIR/soba); default: a new temp dir"),
     out=("", "the JSON report; default RUN_DIR/gpucheck.json"))
 
 
@@ -1158,12 +1173,15 @@ def cmd_gpucheck(opts, train_argv):
     need(opts["steps"] > 0 and opts["bench_steps"] > 0, "--steps and --bench_steps: must be positive")
     # every run and timing: the preset, an outer step on every step, and |B| = 128·b unless given
     argv = [f"--preset={opts['preset']}", "--outer_every=1"] + train_argv
-    b = train.parse_args(argv, train_defaults())["batch_size"]      # bad settings fail here, before any run
+    cfg = train.parse_args(argv, train_defaults())      # bad settings fail here, before any run
+    need(is_cuda(train.resolve_device(cfg["device"])) or "--device=cpu" in train_argv,
+         "gpucheck: no CUDA device; --device=cpu runs it on the CPU anyway (a dry run: give small sizes)")
+    b, run_dir = cfg["batch_size"], opts["run_dir"] or tempfile.mkdtemp(prefix="gpucheck-")
     if not any(a.startswith("--big_batch_size=") for a in train_argv):
         argv.append(f"--big_batch_size={128 * b}")
     tests, runs = run_tests(opts["tests"]), {}                                                    # (1)
     for m in ("baseline", "soba"):                                                                # (2)
-        d = os.path.join(opts["run_dir"], m)
+        d = os.path.join(run_dir, m)
         run_argv = argv + [f"--method={m}", f"--max_steps={opts['steps']}", "--finetune_steps=0"]
         rc = run_all([(m, train_cmd(run_argv, d, fresh=True), d)], 1)[m]
         if rc in (130, 143):
@@ -1177,7 +1195,7 @@ def cmd_gpucheck(opts, train_argv):
     report = dict(**facts, torch_version=torch.__version__, cuda_version=torch.version.cuda, tests=tests,
                   **{k: cfg[k] for k in ("batch_size", "big_batch_size", "seq_len", "outer_every")},
                   preset=opts["preset"], train=runs, methods=res, wall_s=time.time() - t0)
-    out = opts["out"] or os.path.join(opts["run_dir"], "gpucheck.json")
+    out = opts["out"] or os.path.join(run_dir, "gpucheck.json")
     save(out, report)
     print(f"\n{facts['device']} | torch {torch.__version__} | CUDA {torch.version.cuda} | b = "
           f"{cfg['batch_size']}, |B| = {cfg['big_batch_size']} | report: {out}")

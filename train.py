@@ -49,6 +49,7 @@ import sys
 import time
 import resource
 import shutil
+import tempfile
 from functools import partial
 from types import SimpleNamespace
 from typing import Callable, NamedTuple
@@ -78,6 +79,7 @@ doc_mode = "first"      # "first": a document's first seq_len bytes (the paper);
 resume = False          # continue the run in out_dir (its saved settings; see --help for what may change)
 overwrite = False       # replace a run in out_dir (removes only the files train.py writes there)
 init_from = ""          # a run dir or its ckpt.pt: a new run whose θ starts there, with its settings (README)
+allow_overlap = False   # train even if generic documents copy specific valid/test ones (contamination)
 seed = 0                # every random stream (data draws, filter, init, dropout) derives from it
 device = "auto"         # "auto" = cuda if available, else cpu; or cpu, cuda, cuda:N
 compile = False         # torch.compile θ's first-order passes (CUDA; SOBA's double backward stays eager)
@@ -136,6 +138,15 @@ eval_interval = 100     # evaluate, log and checkpoint every this many steps
 eval_examples = 2000    # evaluate on (a fixed subset of) this many examples per set; 0 = all
 eval_batch_size = 256   # rows per forward pass in evaluation (no effect on the numbers)
 # ---- end of config --------------------------------------------------------------------------------
+# the range of each numeric setting, checked by check() before anything is read or written (--help prints
+# it): an interval, a square bracket including its end. lr > 0: p's schedule divides by it; a learning
+# rate of 0 elsewhere (meta_lr, scalebio_lr_p, soba_v_lr: the main schedule) is allowed. inf is refused
+RULES = {"(0, inf)": "batch_size big_batch_size specific_batch_size seq_len n_layer n_head n_embd n_hidden "
+                     "lr rho eval_interval eval_batch_size weighter_dim outer_every soba_chunks "
+                     "lisa_interval cds_finetune_steps scalebio_alpha",
+         "[0, inf)": "max_steps finetune_steps eval_examples specific_train_docs cds_pretrain_steps meta_lr "
+                     "scalebio_lr_p weight_decay scalebio_weight_decay grad_clip soba_v_lr finetune_lr",
+         "[1, inf)": "warmup weighter_kernel", "[0, 1)": "dropout", "[0, 1]": "generic_weight"}
 PRESETS = {
     # a meaningful real-corpus experiment in minutes on a 2-core CPU. outer_every=3 departs from the
     # paper (one outer step per inner step): on a CPU one outer step costs ~5 main steps, so it runs on
@@ -219,7 +230,7 @@ def setup(cfg):
                      gen=Stateful(ctx.gen.get_state, ctx.gen.set_state),      # the filter's draws
                      torch_rng=Stateful(torch.get_rng_state, torch.set_rng_state),   # dropout
                      counts=InPlace(ctx.counts),              # source counts
-                     progress=Attribute(ctx, "progress"))     # examples, time, results
+                     progress=Stateful(ctx.progress.copy, partial(restore, ctx.progress)))   # examples, …
     if cuda:
         ctx.state["cuda_rng"] = Stateful(torch.cuda.get_rng_state, torch.cuda.set_rng_state)
     return ctx
@@ -243,20 +254,17 @@ def lr_at(step, cfg):
 
 # --- the methods' own state, built by METHODS[method].setup and registered in ctx.state where it is made
 
-def setup_alpha(ctx, weighter=None):
-    """α: the weighting network w(x; α) (or the given network) and its Adam, saved in checkpoints.
-    The domain classifier uses "the same architecture as the weighting model" (section 5.1)."""
+def setup_alpha(ctx, network=None):
+    """α: the weighting network w(x; α) and its Adam, saved in checkpoints. The domain classifier uses
+    "the same architecture as the weighting model" (section 5.1); Meta-Weight-Net passes its network
+    class, LossWeighter: mlp(ℓ(x; θ); α), 100 hidden units."""
     cfg = ctx.cfg
-    ctx.weighter = weighter or Weighter(cfg["weighter_dim"], cfg["weighter_kernel"],
-                                        init=cfg["weighter_init"]).to(ctx.device)
+    network = network or partial(Weighter, cfg["weighter_dim"], cfg["weighter_kernel"],
+                                 init=cfg["weighter_init"])
+    ctx.weighter = network().to(ctx.device)
     ctx.meta_opt = torch.optim.Adam(ctx.weighter.parameters(), lr=cfg["meta_lr"],
                                     fused=torch.device(ctx.device).type == "cuda" or None)
     ctx.state.update(weighter=ctx.weighter, meta_opt=ctx.meta_opt)
-
-
-def setup_mwn(ctx):
-    """Meta-Weight-Net's α: mlp(ℓ(x; θ); α), 100 hidden units, and its Adam."""
-    setup_alpha(ctx, LossWeighter().to(ctx.device))
 
 
 def setup_soba(ctx):
@@ -282,9 +290,9 @@ def setup_shuffled(ctx):
 
 
 def setup_cds(ctx):
-    """CDS's Δ(x) for every generic example, None until phase (iii) computes it; saved once computed."""
-    ctx.cds = None
-    ctx.state["cds"] = Attribute(ctx, "cds")
+    """CDS's Δ(x) for every generic example (and its timings), empty until phase (iii) computes it."""
+    ctx.cds = {}
+    ctx.state["cds"] = Stateful(ctx.cds.copy, partial(restore, ctx.cds))
 
 
 # --- data parallel (torchrun --nproc_per_node=N): the same experiment for any N. batch_size,
@@ -381,20 +389,20 @@ def train_step(ctx, step):
     for group in ctx.opt.param_groups:
         group["lr"] = lr_at(step, ctx.cfg)
     ctx.step = step
+    if step == ctx.cfg["max_steps"]:    # fine-tuning starts: the method's own statistics (ess, …) stop here
+        ctx.stats.clear()
     if step < ctx.cfg["max_steps"]:
         return METHODS[ctx.cfg["method"]].step(ctx, step)
     return step_specific(ctx, step)
 
 
 def snapshot_due(step, cfg):
-    """Whether α_step is saved: every save_weighter_every steps of pretraining (0: at every evaluation;
-    < 0: never)."""
-    every = cfg["save_weighter_every"]
+    """Whether α_step is saved: every save_weighter_every steps of pretraining (0: at every evaluation and
+    at its end; < 0: never)."""
+    every, at_eval = cfg["save_weighter_every"], step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]
     if every < 0 or step > cfg["max_steps"]:
         return False
-    if every > 0:
-        return step % every == 0
-    return step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]
+    return step % every == 0 if every > 0 else at_eval
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -647,15 +655,15 @@ def step_cds(ctx, step):
     each uniform B, as the reference code does: the same selected fraction b/|B|, drawn online."""
     if step < cds_pretrain(ctx.cfg):
         return step_baseline(ctx, step)
-    if ctx.cds is None:     # phases (ii) and (iii), timed: scoring is 2N forward passes of θ
+    if not ctx.cds:     # phases (ii) and (iii), timed: scoring is 2N forward passes of θ
         t0 = time.perf_counter()
         tuned = cds_finetuned_copy(ctx, step)
         t1 = time.perf_counter()
         with ctx.autocast():
             delta = bilevel.cds_delta(ctx.model, tuned, ctx.x_train, ctx.cfg["eval_batch_size"], ctx.device)
         t2 = time.perf_counter()
-        ctx.cds = {"delta": delta, "cds_finetune_s": t1 - t0, "cds_score_s": t2 - t1,   # Δ: (N,)
-                   "cds_examples_per_s": 2 * len(delta) / (t2 - t1)}
+        ctx.cds.update(delta=delta, cds_finetune_s=t1 - t0, cds_score_s=t2 - t1,   # Δ: (N,)
+                       cds_examples_per_s=2 * len(delta) / (t2 - t1))
     ctx.stats.update({k: v for k, v in ctx.cds.items() if k != "delta"})
     idx_B, x_B = big_batch(ctx)                                                # (|B|,), (|B|, T)
     # S = the top-b of −Δ(x) over B: the examples fine-tuning improved most (this rank's rows of S)
@@ -768,7 +776,7 @@ METHODS = {
     "cds": Method(step_cds, setup_cds, True),                          # contrastive data selection (2)
     "classifier": Method(step_classifier, setup_alpha, True),          # domain classifier, top-b of B (5.1)
     "ltr": Method(step_ltr),                                            # learning to reweight (5.1)
-    "mwn": Method(step_mwn, setup_mwn, True),                           # Meta-Weight-Net (5.1)
+    "mwn": Method(step_mwn, partial(setup_alpha, network=LossWeighter), True),   # Meta-Weight-Net (5.1)
 }
 
 
@@ -921,29 +929,23 @@ class InPlace:
         self.tensors = tensors
 
     def state_dict(self):
-        if isinstance(self.tensors, dict):
-            return {k: t.detach() for k, t in self.tensors.items()}
-        return self.tensors.detach()
+        return self.tensors
 
+    @torch.no_grad()
     def load_state_dict(self, state):
-        with torch.no_grad():
-            if isinstance(self.tensors, dict):
-                for k, t in self.tensors.items():
-                    t.copy_(state[k])
-            else:
-                self.tensors.copy_(state)
+        for t, saved in zip(tensors_in(self.tensors), tensors_in(state)):
+            t.copy_(saved)
 
 
-class Attribute:
-    """An attribute of ctx restored by assignment (the run's progress, CDS's Δ once computed)."""
-    def __init__(self, ctx, name):
-        self.ctx, self.name = ctx, name
+def tensors_in(x):
+    """The tensors of a dict of tensors (in its order), or [x] for one tensor."""
+    return list(x.values()) if isinstance(x, dict) else [x]
 
-    def state_dict(self):
-        return getattr(self.ctx, self.name)
 
-    def load_state_dict(self, state):
-        setattr(self.ctx, self.name, state)
+def restore(d, saved):
+    """A dict restored in place (ctx.progress, ctx.cds): its saved items, and only those."""
+    d.clear()
+    d.update(saved)
 
 
 class Samplers:
@@ -1102,7 +1104,18 @@ def truncate_log(path, step):
 
 def prepare_out_dir(cfg):
     """A fresh run refuses an out_dir holding another run, unless --overwrite (which removes only the
-    files train.py writes); --resume keeps everything and cuts log.jsonl back to the checkpoint."""
+    files train.py writes); --resume keeps everything and cuts log.jsonl back to the checkpoint. Checked
+    before any data is read: out_dir is, or can be made, a directory this process can write in."""
+    # the nearest folder on the path that exists: out_dir itself, or the one os.makedirs will make it in
+    near = os.path.abspath(cfg["out_dir"])
+    while not os.path.exists(near):
+        near = os.path.dirname(near)
+    if not os.path.isdir(near):
+        raise ConfigError(f"--out_dir: {near} is a file")
+    try:     # a probe file, gone at once (os.access says yes to root, even on a read-only file system)
+        tempfile.TemporaryFile(dir=near).close()
+    except OSError as e:
+        raise ConfigError(f"--out_dir: cannot write in {near} ({e.strerror})") from None
     found = run_files(cfg["out_dir"])
     if found and not cfg["resume"] and not cfg["overwrite"]:
         raise ConfigError(f"--out_dir: {cfg['out_dir']} holds another run ({', '.join(found)}): continue it "
@@ -1131,7 +1144,9 @@ def help_text():
     for line in block:
         m = re.match(r"(\w+) = (.+?)(?:\s+# (.*))?$", line)
         if m:
-            lines.append(f"  --{m[1]:<22} default {m[2]:<22} {m[3] or ''}".rstrip())
+            # the range check() holds the setting to (RULES), if any
+            rule = "".join(f"; in {r}" for r, keys in RULES.items() if m[1] in keys.split())
+            lines.append(f"  --{m[1]:<22} default {m[2]:<22} {m[3] or ''}{rule}".rstrip())
         elif line.startswith("# --- "):
             lines += ["", line[6:]]
     presets = (f"{n} ({p['n_layer']} layers, d={p['n_embd']}, {p['max_steps']} steps)"
@@ -1202,11 +1217,14 @@ def resume_config(overrides, defaults):
     if cfg.get("world_size", 1) != ranks()[1]:     # torchrun's N (absent: 1)
         raise ConfigError(f"--resume: the run in {os.path.dirname(path)} ran in {cfg.get('world_size', 1)} "
                           f"process(es), not {ranks()[1]}: resume it with the same torchrun --nproc_per_node")
+    cfg["compile"] = False      # --compile holds for the invocation that gives it: a resume never inherits it
+    # the step counts that may grow: `shuffled` cuts its segments from max_steps, so not max_steps
+    growable = ("finetune_steps",) if cfg["method"] == "shuffled" else ("finetune_steps", "max_steps")
     for k, v in overrides.items():
-        grows = k == "finetune_steps" or (k == "max_steps" and cfg["method"] != "shuffled")
-        if v != cfg[k] and k not in RESUMABLE and not (grows and v > cfg[k]):
-            raise ConfigError(f"--{k}: the run in {os.path.dirname(path)} has {k}={cfg[k]!r}; a resumed run "
-                              f"may change only {', '.join(sorted(RESUMABLE))} and grow the step counts")
+        if v != cfg[k] and k not in RESUMABLE and not (k in growable and v > cfg[k]):
+            raise ConfigError(f"--{k}: the run in {os.path.dirname(path)} has {k}={cfg[k]!r}; a resumed "
+                              f"run may change only {', '.join(sorted(RESUMABLE))} and grow "
+                              f"{' and '.join(growable)}")
         cfg[k] = v
     return cfg
 
@@ -1235,17 +1253,13 @@ def check(cfg):
     def need(ok, key, what):
         if not ok:
             raise ConfigError(f"--{key}: {what}, got {cfg[key]!r}")
-    for k in ("batch_size", "big_batch_size", "specific_batch_size", "seq_len", "n_layer", "n_head", "n_embd",
-              "n_hidden", "eval_interval", "eval_batch_size", "weighter_dim", "outer_every", "soba_chunks",
-              "cds_finetune_steps", "lisa_interval", "scalebio_alpha"):
-        need(cfg[k] > 0, k, "must be positive")
-    for k in ("max_steps", "finetune_steps", "eval_examples", "specific_train_docs", "cds_pretrain_steps"):
-        need(cfg[k] >= 0, k, "must be non-negative")
+    for rule, keys in RULES.items():
+        for k in keys.split():
+            need(in_range(cfg[k], rule), k, f"must be in {rule}")
     need(cfg["max_steps"] + cfg["finetune_steps"] > 0, "max_steps", "nothing to train: must be positive, or "
          "--finetune_steps must be (a run that only fine-tunes, e.g. from --init_from)")
     # --init_from fine-tunes at a constant rate (the authors: 2e-3 for the baseline, 2e-4 for SOBA and mixing)
-    need(cfg["finetune_lr"] > 0 if cfg["init_from"] else cfg["finetune_lr"] >= 0, "finetune_lr",
-         "must be non-negative, and positive with --init_from")
+    need(cfg["finetune_lr"] > 0 or not cfg["init_from"], "finetune_lr", "must be positive with --init_from")
     for k, choices in (("method", METHODS), ("filter", ("importance", "without_replacement", "top")),
                        ("soba_v_optim", ("adam", "sgd")), ("doc_mode", ("chunk", "first")),
                        ("weighter_init", ("default", "reference")), ("soba_dalpha_v", ("t", "t+1"))):
@@ -1254,17 +1268,36 @@ def check(cfg):
          f"must be at most --big_batch_size={cfg['big_batch_size']}")
     for k in ("batch_size", "big_batch_size", "specific_batch_size"):     # global sizes: 1/N per rank
         need(cfg[k] % ranks()[1] == 0, k, f"must be divisible by the {ranks()[1]} processes of torchrun")
-    need(cfg["n_embd"] % cfg["n_head"] == 0, "n_embd", f"must be a multiple of --n_head={cfg['n_head']}")
+    need(cfg["out_dir"], "out_dir", "must name a directory")
+    # attention splits d into n_head heads; the sinusoidal positions fill d in (sin, cos) pairs: d even
+    need(cfg["n_embd"] % cfg["n_head"] == 0 and cfg["n_embd"] % 2 == 0, "n_embd",
+         f"must be even and a multiple of --n_head={cfg['n_head']}")
+    # memory sanity, in FP32 bytes: one layer's attention matrix for a batch, and α's activations over B;
+    # over 64 GiB is a typo (--seq_len=100000), not an experiment
+    rows = max(cfg["batch_size"], cfg["eval_batch_size"], cfg["specific_batch_size"])
+    for key, n in (("seq_len", rows * cfg["n_head"] * cfg["seq_len"] ** 2),
+                   ("big_batch_size", cfg["big_batch_size"] * cfg["seq_len"] * cfg["weighter_dim"])):
+        need(4 * n <= 2**36, key, f"a batch would need {4 * n / 2**30:,.0f} GiB of memory (at most 64)")
     need(not cfg["lisa"] or 0 < cfg["lisa_layers"] <= cfg["n_layer"], "lisa_layers",
          f"must be in 1..n_layer={cfg['n_layer']}")
     need(not cfg["lisa"] or cfg["method"] == "scalebio", "lisa", "only --method=scalebio uses LISA")
     need(cfg["noise_sources"] != 1 and cfg["noise_sources"] >= 0, "noise_sources", "must be 0 (off) or >= 2")
     need(cfg["method"] != "cds" or cds_pretrain(cfg) < cfg["max_steps"], "cds_pretrain_steps",
          f"must leave a selection step within --max_steps={cfg['max_steps']}")
-    resolve_device(cfg["device"])          # an unknown or unavailable device: one line, before any output
+    # an unknown or unavailable device: one line, before any output; torch.compile only on CUDA
+    dev = resolve_device(cfg["device"])
+    need(dev.startswith("cuda") or not cfg["compile"], "compile", f"runs on CUDA only (the device is {dev})")
     need(cfg["method"] != "frozen" or cfg["weighter_ckpt"], "weighter_ckpt", "--method=frozen needs a run")
     need(cfg["method"] != "shuffled" or cfg["weighter_trajectory"], "weighter_trajectory",
          "--method=shuffled needs a run dir that saved weighters/")
+
+
+def in_range(value, rule):
+    """Whether value lies in an interval of RULES, "(0, inf)", "[0, 1)", …: a square bracket includes its end
+    (NaN lies in none)."""
+    low, high = (float(t) for t in rule[1:-1].split(","))
+    above = low <= value if rule[0] == "[" else low < value
+    return above and (value <= high if rule[-1] == "]" else value < high)
 
 
 def run(cfg, defaults):
@@ -1273,11 +1306,13 @@ def run(cfg, defaults):
     exit status. torchrun: rank 0 alone checks and writes out_dir."""
     rank0 = ranks()[0] == 0
     found = prepare_out_dir(cfg) if rank0 else []    # checked first: a refusal costs no data loading
-    changed = {k: v for k, v in cfg.items() if v != defaults.get(k) and k != "world_size"}
+    changed = {k: v for k, v in cfg.items() if v != defaults.get(k) and k not in ("world_size", "inputs")}
     print("settings: " + (" ".join(f"--{k}={v}" for k, v in changed.items()) or "the defaults"))
     if ranks()[1] > 1:
         cfg["world_size"] = ranks()[1]     # saved in config.json: a resume needs the same N
     ctx = setup(cfg)
+    # what the run reads (files, sizes, times, example counts), in config.json: a resume must find the same
+    cfg["inputs"] = data.fingerprint(cfg, ctx.generic, ctx.specifics)
     start = load_checkpoint(ctx) if cfg["resume"] else 0
     if cfg["init_from"] and not cfg["resume"]:      # θ from another run (α, v, optimisers: fresh)
         ctx.model.load_state_dict(read_init(cfg["init_from"])["model"])
@@ -1286,7 +1321,9 @@ def run(cfg, defaults):
         if cfg["resume"]:
             truncate_log(os.path.join(cfg["out_dir"], "log.jsonl"), start)
         remove_run_files(cfg["out_dir"], [] if cfg["resume"] else found)    # --overwrite
-        write_json(os.path.join(cfg["out_dir"], "config.json"), cfg)
+        # --compile belongs to the invocation that gives it: a resume's is not saved (nor inherited)
+        saved = {**cfg, "compile": cfg["compile"] and not cfg["resume"]}
+        write_json(os.path.join(cfg["out_dir"], "config.json"), saved)
     n_params = sum(p.numel() for p in ctx.model.parameters())
     print(f"{cfg['method']} | θ: {n_params / 1e6:.2f}M params | {ctx.device} | generic "
           f"{len(ctx.generic.train)} train examples, {len(ctx.generic.sources)} sources | specific "
@@ -1311,15 +1348,24 @@ def main(argv):
     defaults = {k: globals()[k] for k in config_keys}
     if ranks()[0] > 0:                   # torchrun: rank 0 prints for all
         sys.stdout = open(os.devnull, "w")
+    # SIGTERM before training starts (while the corpus is read) stops as Ctrl-C does; run() handles both after
+    sigterm = signal.signal(signal.SIGTERM, stopped_early)
     try:
         return run(parse_args(argv, defaults), defaults)
     except (data.DataError, TrainingError) as e:
         if ranks()[0] == 0:      # torchrun: every rank meets the same error, rank 0 prints it
             print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:     # Ctrl-C before training started (e.g. while reading the corpus)
+    except KeyboardInterrupt as e:     # Ctrl-C or SIGTERM before training started (e.g. reading the corpus)
         print("interrupted before training started; nothing was written", file=sys.stderr)
-        return 130
+        return 128 + (e.args[0] if e.args else signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+
+
+def stopped_early(signum, frame):
+    """The SIGTERM handler until training starts: the KeyboardInterrupt of Ctrl-C, carrying the signal."""
+    raise KeyboardInterrupt(signum)
 
 
 if __name__ == "__main__":

@@ -176,7 +176,7 @@ def test_sar_inner_products_and_rates_match_brute_force():
         sar_slow.append(b_s[:8] > b_g[:8]), gar_slow.append(b_g[8:] > b_s[8:])
     assert torch.equal(torch.stack(sar_fast), torch.stack(sar_slow))
     assert torch.equal(torch.stack(gar_fast), torch.stack(gar_slow))
-    r = diagnose.rate_summary(torch.stack(sar_fast))
+    r = diagnose.rate_summary(torch.stack(sar_fast), 8)      # 8 distinct held-out documents
     assert r["rate"] == torch.stack(sar_slow).float().mean().item()
     assert r["ci95_wilson"][0] <= r["rate"] <= r["ci95_wilson"][1]
 
@@ -352,7 +352,9 @@ def test_select_top_k_exact(scored_corpus, tmp_path, monkeypatch, capsys):
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
     assert normal_mode(out)                              # not tempfile's 0600
     # --fraction: k = ⌈fraction · N⌉ after a counting pass, same top set
-    assert diagnose.main(["select", f"--run={run}", f"--input={inp}", f"--output={out}", "--fraction=0.2"]) == 0
+    assert diagnose.main(["select", f"--run={run}", f"--input={inp}", f"--output={out}", "--fraction=0.2"]) == 2
+    assert diagnose.main(["select", f"--run={run}", f"--input={inp}", f"--output={out}", "--fraction=0.2",
+                          "--overwrite"]) == 0
     assert {r["text"] for r in read_out(out)} == {docs[i]["text"] for i in torch.topk(s, 9).indices.tolist()}
     # the report lists every input source, even one with nothing selected, with share ÷ base rate
     report = capsys.readouterr().out.split("selected 9 of 45 documents")[1]
@@ -368,7 +370,7 @@ def test_select_max_docs_draws_uniformly_over_the_whole_input(scored_corpus, tmp
     for seed in (0, 0, 1):          # --fraction=1: every document read is written, in reading order
         out = tmp_path / f"max{seed}.jsonl"
         assert diagnose.main(["select", f"--run={run}", f"--input={inp}", f"--output={out}", "--fraction=1",
-                              "--max_docs=10", f"--seed={seed}"]) == 0
+                              "--max_docs=10", f"--seed={seed}", "--overwrite"]) == 0
         idx = [texts.index(r["text"]) for r in read_out(out)]
         assert len(idx) == 10 and idx == sorted(idx)
         assert picked.setdefault(seed, idx) == idx      # seeded: the same draw again
@@ -379,7 +381,7 @@ def test_select_max_docs_draws_uniformly_over_the_whole_input(scored_corpus, tmp
     for seed in range(2, 8):
         out = tmp_path / "max.jsonl"
         assert diagnose.main(["select", f"--run={run}", f"--input={inp}", f"--output={out}", "--fraction=1",
-                              "--max_docs=10", f"--seed={seed}"]) == 0
+                              "--max_docs=10", f"--seed={seed}", "--overwrite"]) == 0
         idx = [texts.index(r["text"]) for r in read_out(out)]
         second, seen = second + sum(i >= 20 for i in idx), seen | set(idx)
     assert 20 <= second <= 47 and len(seen) >= 30          # expected 33.3 and 33.8
@@ -388,7 +390,7 @@ def test_select_max_docs_draws_uniformly_over_the_whole_input(scored_corpus, tmp
                           "--max_docs=10", "--first_docs"]) == 0
     assert [r["text"] for r in read_out(out)] == texts[:10]            # the first 10, in file order
     assert diagnose.main(["select", f"--run={run}", f"--input={inp}", f"--output={out}", "--fraction=0.5",
-                          "--max_docs=100"]) == 0                       # more than the corpus holds: all 45
+                          "--max_docs=100", "--overwrite"]) == 0                       # more than the corpus holds: all 45
     assert len(read_out(out)) == 23
 
 
@@ -513,12 +515,13 @@ def test_table_runs_train_py_once_per_method_and_seed(corpora, tmp_path, capsys)
     gen, spec = corpora
     args = ["table", f"--out_dir={tmp_path}", "--methods=baseline,not_a_method", "--seeds=0", "--max_steps=2",
             "--finetune_steps=2", f"--generic={gen}", f"--specific={spec}"] + TINY
+    assert diagnose.main(args) == 2 and "not_a_method" in capsys.readouterr().err      # named before any run
+    args[2] = "--methods=baseline"
     assert diagnose.main(args) == 0
     summary = json.loads((tmp_path / "baseline_s0" / "summary.json").read_text())
     assert summary["config"]["max_steps"] == 2 and "specific_test_loss_finetuned" in summary
     res = json.loads((tmp_path / "table.json").read_text())
     assert res["methods"]["baseline"]["pretrain"][0] == pytest.approx(summary["specific_test_loss"])
-    assert any("not_a_method" in n for n in res["notes"])
     mtime = os.path.getmtime(tmp_path / "baseline_s0" / "summary.json")
     assert diagnose.main(args) == 0                               # a finished run is kept, not redone
     assert os.path.getmtime(tmp_path / "baseline_s0" / "summary.json") == mtime
