@@ -53,11 +53,96 @@ runs computed: changing it would change their numbers.
 """
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm import tqdm
 
 from model import second_order, uncompiled
+
+
+# ----------------------------------------------------------------------------------------------
+# data parallelism: what the updates need from torchrun's N ranks, and nothing in one process.
+# Under torchrun each rank holds 1/N of every batch: rows r, r + N, r + 2N, … of it (rank r). The
+# updates stay exact if (i) every softmax w(x; α) is normalised over the whole batch, (ii) every
+# θ-space direction that is not a uniform mean (a weighted sum Σ w ∇ℓ, a specific gradient that
+# enters a look-ahead or a cosine) is summed or averaged over the ranks before it is used, and (iii)
+# a rank's α-gradient is its part of Σ_x c(x) ∇_α w(x; α), summed over the ranks by the caller.
+# OneProcess is the identity; Ranks implements the same four methods with collectives (train.py joins
+# the process group and uses the same object for its own all-reduces of θ's and α's gradients).
+
+class OneProcess:
+    """The data-parallel reductions of one process: every method returns its input unchanged."""
+    rank, world = 0, 1
+
+    def sum_(self, tensors):
+        """Σ over the ranks, in place, of a list of tensors; returns the list."""
+        return tensors
+
+    def mean_(self, tensors):
+        """The mean over the ranks, in place, of a list of tensors; returns the list."""
+        return tensors
+
+    def rows(self, t):
+        """This rank's rows (n/N,) of a batch → the whole batch's (n,), in batch order, with a graph."""
+        return t
+
+    def mine(self, t):
+        """The whole batch's (n,) → this rank's rows (n/N,): rows rank, rank + N, …"""
+        return t
+
+
+ONE = OneProcess()
+
+
+class Ranks(OneProcess):
+    """OneProcess's reductions over torchrun's N ranks (the process group train.py joined): rank r holds
+    rows r, r + N, … of every batch."""
+    def __init__(self, rank, world):
+        self.rank, self.world = rank, world
+
+    def sum_(self, tensors):
+        return self.all_reduce_(tensors, 1)
+
+    def mean_(self, tensors):
+        return self.all_reduce_(tensors, self.world)
+
+    def all_reduce_(self, tensors, divisor):
+        """Σ over the ranks / divisor, in place, in one collective (gloo has no mean)."""
+        if tensors:
+            flat = torch.cat([t.reshape(-1) for t in tensors])
+            dist.all_reduce(flat)
+            flat /= divisor
+            for t, f in zip(tensors, flat.split([t.numel() for t in tensors])):
+                t.copy_(f.view_as(t))
+        return tensors
+
+    def rows(self, t):
+        return GatherRows.apply(t)
+
+    def mine(self, t):
+        return t[self.rank::self.world]
+
+
+class GatherRows(torch.autograd.Function):
+    """(n/N,) this rank's rows → (n,) the whole batch, row i from rank i % N; differentiable."""
+    @staticmethod
+    def forward(ctx, t):
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())                  # N × (n/N,): rank r's rows
+        return torch.stack(parts, dim=1).reshape(-1)            # (n/N, N) → (n,)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # every rank's loss is its part of the batch's: the gradient of a row is the sum over the ranks
+        grad = grad.contiguous().clone()                        # (n,)
+        dist.all_reduce(grad)
+        return grad.view(-1, dist.get_world_size())[:, dist.get_rank()]      # (n/N,) this rank's rows
+
+
+def batch_softmax(s, ranks=ONE):
+    """w(x; α) = softmax of the scores s over the WHOLE batch; s: this rank's rows (n/N,) → (n/N,)."""
+    return ranks.mine(torch.softmax(ranks.rows(s), dim=0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,7 +247,7 @@ def backward_to_alpha(c, w):
 # ----------------------------------------------------------------------------------------------
 # DDS: differentiable data selection, one unrolled step (section 4.3.1, Eq. 3)
 
-def dds_step(model, weighter, x_generic, x_specific, rho, w=None):
+def dds_step(model, weighter, x_generic, x_specific, rho, w=None, ranks=ONE):
     """Sets α.grad to ∇_α L(α) of Eq. (3) and returns L(α).
 
         L(α) = mean_{x'∈B_specific} ℓ(x'; u(θ, α)),   u(θ, α) = θ − ρ Σ_{x∈B_generic} w(x; α) ∇_θ ℓ(x; θ)
@@ -175,16 +260,19 @@ def dds_step(model, weighter, x_generic, x_specific, rho, w=None):
 
     w: the (b,) weights w(x; α) with their graph to α; by default the byte CNN's softmax,
     weighter.weights(x_generic). Meta-Weight-Net passes its own, softmax(mlp(ℓ(x; θ); α)).
+    ranks: under torchrun, x_generic and x_specific are this rank's rows (see OneProcess).
     """
     theta = theta_of(model)
     if w is None:
-        w = weighter.weights(x_generic)                                  # (b,) w(x; α), graph to α
-    # g_generic = Σ_x w(x; α) ∇_θ ℓ(x; θ)
+        w = batch_softmax(weighter(x_generic), ranks)                    # (b,) w(x; α), graph to α
+    # g_generic = Σ_x w(x; α) ∇_θ ℓ(x; θ)   (torchrun: the ranks' partial sums, summed)
     g_generic, _ = grad_at(model, theta, x_generic, weights=w)
+    ranks.sum_(list(g_generic.values()))
     # θ' = u(θ, α) = θ − ρ g_generic
     theta_prime = {k: theta[k].detach() - rho * g_generic[k] for k in theta}
-    # L(α) = L_specific(θ') and its gradient in θ' (first order)
+    # L(α) = L_specific(θ') and its gradient in θ' (first order; torchrun: averaged over the ranks)
     g_specific, L = grad_at(model, theta_prime, x_specific)
+    ranks.mean_(list(g_specific.values()) + [L])
     # ∂L/∂w(x) = ⟨∇ℓ(x; θ), −ρ ∇L_specific(θ')⟩ for all x ∈ B_generic at once (one backward pass)
     _, c = per_example_dot(model, theta, x_generic, {k: -rho * g for k, g in g_specific.items()})
     # ∇_α L = Σ_x ∂L/∂w(x) ∇_α w(x; α)
@@ -195,7 +283,7 @@ def dds_step(model, weighter, x_generic, x_specific, rho, w=None):
 # ----------------------------------------------------------------------------------------------
 # SOBA: stochastic bilevel algorithm (section 4.3.2; Dagréou et al. 2022)
 
-def soba_step(model, weighter, x_generic, x_specific, v, chunks=1):
+def soba_step(model, weighter, x_generic, x_specific, v, chunks=1, ranks=ONE):
     """Sets α.grad to d_α, returns (d_v, g, ℓ) with g the uniform generic gradient on x_generic and
     ℓ its (b,) per-example losses. `chunks` > 1 computes the same numbers in micro-batches, with
     less memory (see soba_terms).
@@ -220,8 +308,9 @@ def soba_step(model, weighter, x_generic, x_specific, v, chunks=1):
     g_specific, _ = grad_at(model, theta, x_specific)
     # d_v = H v + ∇L_specific
     d_v = {k: Hv[k] + g_specific[k] for k in theta}
-    # d_α = Σ_x ⟨∇ℓ(x; θ), v⟩ ∇_α w(x; α)
-    backward_to_alpha(c, weighter.weights(x_generic))
+    # d_α = Σ_x ⟨∇ℓ(x; θ), v⟩ ∇_α w(x; α)   (torchrun: g, H v, d_v are uniform means, which the
+    # caller averages over the ranks; w is the softmax over the whole S)
+    backward_to_alpha(c, batch_softmax(weighter(x_generic), ranks))
     return d_v, g, losses
 
 
@@ -254,10 +343,21 @@ def soba_terms(model, x, v, chunks=1):
     return losses.detach(), {k: gi.detach() for k, gi in zip(names, g)}, dict(zip(names, Hv)), c
 
 
+def soba_alpha_grad(model, weighter, x, v, ranks=ONE):
+    """Sets α.grad to d_α = Σ_{x∈S} ⟨∇_θ ℓ(x; θ), v⟩ ∇_α w(x; α) for a given v (replacing any gradient
+    α held): the reference code's order passes v_{t+1}, v after its update (soba_step's own d_α uses v_t,
+    from its one pass). Costs one more forward and backward pass on x (`per_example_dot`)."""
+    weighter.zero_grad(set_to_none=True)
+    # c(x) = ⟨∇_θ ℓ(x; θ), v⟩ for every x ∈ S, (b,)
+    _, c = per_example_dot(model, theta_of(model), x, v)
+    # d_α = Σ_x c(x) ∇_α w(x; α)   (torchrun: w is the softmax over the whole S)
+    backward_to_alpha(c, batch_softmax(weighter(x), ranks))
+
+
 # ----------------------------------------------------------------------------------------------
 # Anograd: aligned normalised gradient (section 4.3.3)
 
-def anograd_step(model, weighter, x_generic, x_specific):
+def anograd_step(model, weighter, x_generic, x_specific, ranks=ONE):
     """Sets α.grad to ∇_α L_anograd and returns L_anograd = −cos(g_generic(α), g_specific).
 
         g_generic(α) = ∇_θ Σ_{x∈B_generic} w(x; α) ℓ(x; θ),   g_specific = ∇_θ L_specific(θ)
@@ -271,9 +371,12 @@ def anograd_step(model, weighter, x_generic, x_specific):
         ∂(−cos)/∂w(x) = ⟨∇_θ ℓ(x; θ), q⟩,   q = −∂cos/∂g = −( s/(‖g‖‖s‖) − cos · g/‖g‖² ).
     """
     theta = theta_of(model)
-    w = weighter.anograd_weights(x_generic)                                  # (b,) graph to α
+    w = F.softplus(weighter.a) * batch_softmax(weighter(x_generic), ranks)    # (b,) graph to α
     g, _ = grad_at(model, theta, x_generic, weights=w)                       # g_generic(α)
     s, _ = grad_at(model, theta, x_specific)                                 # g_specific
+    # torchrun: g is a sum over the whole batch, s a mean: both before the cosine
+    ranks.sum_(list(g.values()))
+    ranks.mean_(list(s.values()))
     g_norm, s_norm = dot(g, g).sqrt(), dot(s, s).sqrt()
     cos = dot(g, s) / (g_norm * s_norm + 1e-12)
     # q = −∂cos/∂g
@@ -339,7 +442,7 @@ def classifier_step(weighter, x_generic, x_specific):
     return loss.detach()
 
 
-def ltr_weights(model, x_generic, x_specific, lr):
+def ltr_weights(model, x_generic, x_specific, lr, ranks=ONE):
     """Learning to Reweight (Ren et al. 2018): weights for ONE batch, no weighting network.
 
     Give each generic example a free weight ε_i, look one SGD step ahead, and differentiate the
@@ -353,21 +456,22 @@ def ltr_weights(model, x_generic, x_specific, lr):
     code: ε = 0, clipped at 0, normalised. lr only scales w̃, so it cancels in w.)
     All ⟨∇L_specific, ∇ℓ(x_i)⟩ come from ONE backward pass (`per_example_dot`): no per-example
     gradients, but the main model's forward and backward at EVERY example of the batch.
-    Returns (w, ℓ(x; θ)), both (b,)."""
+    Returns (w, ℓ(x; θ)), both (b,). torchrun: this rank's rows, w normalised over the whole batch."""
     theta = theta_of(model)
     # ∇L_specific(θ) on B_specific
     g_specific, _ = grad_at(model, theta, x_specific)
+    ranks.mean_(list(g_specific.values()))
     # c_i = ⟨∇ℓ(x_i; θ), ∇L_specific(θ)⟩ for every x_i ∈ B_generic
     losses, c = per_example_dot(model, theta, x_generic, g_specific)            # (b,), (b,)
     # w̃_i = max(lr c_i, 0)
     w_tilde = (lr * c.float()).clamp(min=0.0)                                   # (b,)
-    total = w_tilde.sum()
+    (total,) = ranks.sum_([w_tilde.sum()])                                     # Σ over the whole batch
     # w = w̃ / Σ w̃, or uniform if Σ w̃ = 0 (chosen on the device: no host synchronisation)
-    w = torch.where(total > 0, w_tilde / total, torch.full_like(w_tilde, 1.0 / len(w_tilde)))
+    w = torch.where(total > 0, w_tilde / total, torch.full_like(w_tilde, 1.0 / (len(w_tilde) * ranks.world)))
     return w, losses
 
 
-def mwn_step(model, loss_weighter, x_generic, losses, x_specific, rho):
+def mwn_step(model, loss_weighter, x_generic, losses, x_specific, rho, ranks=ONE):
     """Meta-Weight-Net (Shu et al. 2019), "a particular, simple case of DDS in which the weight
     model takes as input a single scalar for each example: the example loss" (section 5.1):
 
@@ -376,7 +480,8 @@ def mwn_step(model, loss_weighter, x_generic, losses, x_specific, rho):
     then the DDS outer update of Eq. (3) unchanged. ℓ(x; θ) enters the MLP as data (detached):
     α's gradient flows through the look-ahead only, as for DDS. losses: (b,) ℓ(x; θ) of x_generic.
     Sets α.grad, returns L(α)."""
-    return dds_step(model, loss_weighter, x_generic, x_specific, rho, w=loss_weighter.weights(losses))
+    w = batch_softmax(loss_weighter(losses), ranks)                          # (b,) graph to α
+    return dds_step(model, loss_weighter, x_generic, x_specific, rho, w=w, ranks=ranks)
 
 
 # ==============================================================================================
@@ -405,15 +510,17 @@ def mwn_step(model, loss_weighter, x_generic, losses, x_specific, rho):
 # AdamW on u and w (weight decay 5e-4), AdamW on p (lr 1e-2); α constant. The generic batch is
 # UNIFORM; λ only reweights its per-source mean losses (it does not change what is sampled).
 
-def per_source_mean(losses, source_id, n_sources):
+def per_source_mean(losses, source_id, n_sources, ranks=ONE):
     """L2_s for every source s: the mean of the batch's losses from s; 0 for a source that has no
     example in the batch (it then contributes 0 to L2 and gets no gradient). losses: (B,),
-    source_id: (B,) long → (K,)"""
+    source_id: (B,) long → (K,). torchrun: this rank's part, Σ_{its rows from s} ℓ_i / n_s with n_s
+    counted over the whole batch: summed over the ranks, the parts give the batch's means."""
     # Σ_{i: s_i = s} ℓ_i
     total = torch.zeros(n_sources, dtype=losses.dtype, device=losses.device)             # (K,)
     total = total.index_add(0, source_id, losses)                                          # (K,)
     # n_s = |{i: s_i = s}|, counted by index_add (bincount on CUDA synchronises with the host)
     count = torch.zeros_like(total).index_add(0, source_id, torch.ones_like(losses))       # (K,)
+    ranks.sum_([count])
     return total / count.clamp(min=1)                                                      # (K,)
 
 
@@ -422,7 +529,7 @@ def L2(losses, source_id, lam):
     return (lam * per_source_mean(losses, source_id, len(lam))).sum()
 
 
-def scalebio_step(w, u, p, x_generic, source_id, x_specific, alpha):
+def scalebio_step(w, u, p, x_generic, source_id, x_specific, alpha, ranks=ONE):
     """Sets .grad of w's, u's parameters and of p for one ScaleBiO step; returns a dict of 0-dim
     detached float32 tensors (no host synchronisation: the caller converts them when it logs):
     L1, L2_w = L2(w, λ), L2_u = L2(u, λ), gap = L2(w, λ) − L2(u, λ), train_loss = mean ℓ(x; w).
@@ -430,23 +537,27 @@ def scalebio_step(w, u, p, x_generic, source_id, x_specific, alpha):
     w: the main model (kept), u: the auxiliary copy, p: (K,) logits, λ = softmax(p);
     x_generic: (B, T) a uniform generic batch, source_id: (B,) its sources; x_specific: (B', T).
     The caller zeroes the gradients before and steps the three optimizers after. Parameters with
-    requires_grad=False (blocks frozen by LISA below) get no gradient."""
+    requires_grad=False (blocks frozen by LISA below) get no gradient.
+    torchrun: the batches are this rank's rows; the ranks' gradients of u and w are parts of the
+    batch's gradients (the caller SUMS them), p's gradient is the batch's on every rank."""
     lam = torch.softmax(p, 0)                                            # (K,) λ, graph to p
     K = lam.shape[0]
     # 1. ∇_u α·L2(u, λ)   (λ is a constant for u)
     losses_u = u(x_generic).float()                                      # (B,) ℓ(x; u)
-    m_u = per_source_mean(losses_u, source_id, K)                        # (K,) L2_s(u)
+    m_u = per_source_mean(losses_u, source_id, K, ranks)                 # (K,) L2_s(u)
     (alpha * (lam.detach() * m_u).sum()).backward()
-    # 2. ∇_w [L1(w) + α·L2(w, λ)]
+    # 2. ∇_w [L1(w) + α·L2(w, λ)]   (torchrun: L1 is a mean, its rank's part is L1 / N)
     losses_w = w(x_generic).float()                                      # (B,) ℓ(x; w)
-    m_w = per_source_mean(losses_w, source_id, K)                        # (K,) L2_s(w)
+    m_w = per_source_mean(losses_w, source_id, K, ranks)                 # (K,) L2_s(w)
     L1 = w(x_specific).float().mean()                                    # L1(w)
-    (L1 + alpha * (lam.detach() * m_w).sum()).backward()
+    (L1 / ranks.world + alpha * (lam.detach() * m_w).sum()).backward()
     # 3. ∇_p α·[L2(w, λ) − L2(u, λ)] = α·J_softmax(p)ᵀ (m_w − m_u), J = diag(λ) − λλᵀ
-    gap = (m_w - m_u).detach()                                           # (K,) L2_s(w) − L2_s(u)
+    m_w, m_u = ranks.sum_([m_w.detach(), m_u.detach()])                  # the batch's L2_s
+    gap = m_w - m_u                                                      # (K,) L2_s(w) − L2_s(u)
     (alpha * (lam * gap).sum()).backward()
-    return {"L1": L1.detach(), "L2_w": (lam * m_w).sum().detach(), "L2_u": (lam * m_u).sum().detach(),
-            "gap": (lam * gap).sum().detach(), "train_loss": losses_w.mean().detach()}
+    L1, train_loss = ranks.mean_([L1.detach(), losses_w.mean().detach()])
+    return {"L1": L1, "L2_w": (lam * m_w).sum().detach(), "L2_u": (lam * m_u).sum().detach(),
+            "gap": (lam * gap).sum().detach(), "train_loss": train_loss}
 
 
 # ----------------------------------------------------------------------------------------------

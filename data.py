@@ -24,6 +24,7 @@ import gzip
 import hashlib
 import html
 import inspect
+import io
 import itertools
 import json
 import os
@@ -76,6 +77,7 @@ class Corpus:
     test: Examples
     sources: list            # list[str]
     name: str                # the spec string, or "builtin:generic" / "builtin:specific"
+    doc_hash: np.ndarray = None  # (n_docs,) int64: a hash of each document's bytes, by doc id (files only)
 
 
 def _examples(x: np.ndarray, source_id: np.ndarray, doc_id: np.ndarray, sources: list) -> Examples:
@@ -169,19 +171,24 @@ def resolve_files(spec: str, flag: str = "--generic") -> list[str]:
     return list(dict.fromkeys(files))
 
 
+def _decode(raw: bytes) -> tuple[str, int]:
+    # (text, how many invalid UTF-8 sequences became U+FFFD): .txt and .jsonl read bytes alike
+    text = raw.decode("utf-8", errors="replace")
+    return text, text.count("\ufffd") - raw.count("\ufffd".encode())
+
+
 def _read_txt(path: str, progress=None):
-    # one document per file; yields (text, source, split) like _read_jsonl (progress: the caller's)
+    # one document per file; yields (text, source, split, n invalid) like _read_jsonl (progress: the caller's)
     with open(path, "rb") as f:
-        raw = f.read()
+        text, n_invalid = _decode(f.read())
     name = os.path.basename(path)[: -len(".txt")]
-    yield raw.decode("utf-8", errors="replace"), name, None
+    yield text, name, None, n_invalid
 
 
 def _read_jsonl(path: str, progress=None):
     # one JSON record per line: {"text": str, "source": str?, "split": str?}
     name = os.path.basename(path)[: -len(_suffix(path))]
     opener = gzip.open if path.endswith(".gz") else open
-    n_records = 0
     with opener(path, "rb") as f:
         raw, at = getattr(f, "fileobj", f), 0      # the file on disk (under gzip): bytes read = raw.tell()
         for lineno, line in enumerate(f, 1):
@@ -191,9 +198,10 @@ def _read_jsonl(path: str, progress=None):
             if not line.strip():
                 continue  # blank lines are skipped
             where = f"{path}:{lineno}"
+            text, n_invalid = _decode(line)     # invalid UTF-8 becomes U+FFFD, as in a .txt file
             try:
-                rec = json.loads(line)
-            except ValueError:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+                rec = json.loads(text)
+            except ValueError:
                 raise DataError(f"{where}: not valid JSON") from None
             if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
                 raise DataError(f'{where}: record has no "text" field')
@@ -202,30 +210,30 @@ def _read_jsonl(path: str, progress=None):
                 raise DataError(f'{where}: "source" must be a string, got {source!r}')
             if split is not None and split not in SPLITS:
                 raise DataError(f'{where}: unknown split {split!r} (expected "train", "valid" or "test")')
-            n_records += 1
-            yield rec["text"], source, split
-    if n_records == 0:
-        raise DataError(f"{path}: empty file (no records)")
+            yield rec["text"], source, split, n_invalid
 
 
-def read_documents(path: str, with_text: bool = False, hash_splits: bool = True, progress=None):
+def read_documents(path: str, with_text: bool = False, hash_splits: bool = True, skip_empty: bool = False,
+                   progress=None, warn=print):
     """Yields (bytes, source, split) for each non-empty document of one file;
     split is one of SPLITS (a record's own "split", else the hash split; with
     hash_splits=False, None when the record gives none). Any problem becomes a
     one-line DataError.
     with_text: (bytes, source, split, text), text as read (what `diagnose.py
     select` writes out), bytes its normalised encoding (what the models read).
-    progress: called now and then with the bytes of the file read since its last call."""
+    Invalid UTF-8 (in .txt and .jsonl alike) is read as U+FFFD, counted in a warning. skip_empty: a file
+    with no document is skipped with a warning (one of several files), not an error.
+    progress: called now and then with the bytes of the file read since its last call; warn: what
+    receives the warnings (a prepared copy keeps them, to repeat them when it is mapped)."""
     if not _suffix(path):
         raise DataError(f"{path}: unsupported file type (expected .txt, .jsonl or .jsonl.gz)")
     reader = _read_txt if path.endswith(".txt") else _read_jsonl
-    n_chars = n_bad = n_docs = 0
+    n_chars = n_bad = n_docs = n_replaced = 0
     try:
-        if os.path.isfile(path) and os.path.getsize(path) == 0:
-            raise DataError(f"{path}: empty file")
-        for text, source, split in reader(path, progress):
+        for text, source, split, n_invalid in reader(path, progress):
             b = encode(text)
             n_chars, n_bad = n_chars + len(text), n_bad + _n_bad(text, b)
+            n_replaced += n_invalid
             if not b or b.isspace():
                 continue  # empty documents give no examples
             n_docs += 1
@@ -238,8 +246,12 @@ def read_documents(path: str, with_text: bool = False, hash_splits: bool = True,
     if n_bad > MAX_BAD_FRACTION * n_chars:
         raise DataError(f"{path}: no usable text ({100 * n_bad / n_chars:.0f}% NUL, control or "
                         f"invalid UTF-8 characters: binary file?)")
-    if n_docs == 0:
-        raise DataError(f"{path}: no usable text (all documents are empty)")
+    if n_docs == 0 and skip_empty:
+        warn(f"warning: {path}: an empty file (no document): skipped")
+    elif n_docs == 0:
+        raise DataError(f"{path}: empty file (no document)")
+    if n_replaced:
+        warn(f"warning: {path}: {n_replaced} invalid UTF-8 sequences, read as U+FFFD")
 
 
 def _one_line(e) -> str:
@@ -250,9 +262,11 @@ def load_corpus(spec: str, seq_len: int, doc_mode: str = "chunk", flag: str = "-
                 cache: str = "off", workers: int = 0) -> Corpus:
     """Read every file of `spec` (see resolve_files) into a byte-level Corpus.
     Sources are sorted by name; doc_id counts documents in reading order over
-    all files and splits. Raises DataError on any bad input.
+    all files and splits; doc_hash holds 64 bits of the MD5 of each document's bytes, by doc id
+    (contamination). Raises DataError on any bad input.
     cache: a --data_cache value ("" = the user's cache directory): the same Corpus, from a prepared
-    copy of the files there (load_prepared, built by `workers` processes); "off": read into memory."""
+    copy of the files there (load_prepared, built by `workers` processes); "off": read into memory,
+    by the same steps (_prepare_parts, _join) into in-memory buffers."""
     if doc_mode not in ("first", "chunk"):
         raise DataError(f"{flag}: unknown doc_mode {doc_mode!r} (expected 'first' or 'chunk')")
     if seq_len < 1:
@@ -260,58 +274,28 @@ def load_corpus(spec: str, seq_len: int, doc_mode: str = "chunk", flag: str = "-
     files = resolve_files(spec, flag)
     if cache != "off":
         return load_prepared(files, spec, seq_len, doc_mode, flag, cache_root(cache), workers)
-    # per split: window bytes, and per document (source name index, doc id, n windows)
-    data = {s: [] for s in SPLITS}
-    docs = {s: [] for s in SPLITS}
-    names = {}  # source name -> index in order of first appearance
-    n_docs = 0
-    for path in files:
-        for b, source, given in read_documents(path, hash_splits=False):
-            split = given or hash_split(b)
-            chunk, n = windows(b, seq_len, doc_mode)
-            data[split].append(chunk)
-            docs[split].append((names.setdefault(source, len(names)), n_docs, n, given is None))
-            n_docs += 1
-    # small document sets: a source with >= 2 documents, none of which hashed into train, gets its
-    # first hash-split one moved to train (otherwise it would never be trained on); a split given in
-    # a .jsonl record is kept
-    for k in set(range(len(names))) - {d[0] for d in docs["train"]}:
-        held = [(d[1], split, i) for split in ("valid", "test")
-                for i, d in enumerate(docs[split]) if d[0] == k and d[3]]   # (doc id, split, position)
-        if len(held) >= 2:
-            _, split, i = min(held)
-            data["train"].append(data[split].pop(i))
-            docs["train"].append(docs[split].pop(i))
-    if not data["train"]:
-        raise DataError(f"{flag}: {spec}: no training examples ({n_docs} documents, none in the train split)")
-    # sorted source names, so ids do not depend on file order
-    sources = sorted(names)
-    remap = np.array([sources.index(s) for s in names], dtype=np.int64)  # first-seen idx -> sorted idx
-
-    def build(split: str) -> Examples:
-        # one big join into a writable buffer: x (N, seq_len) uint8
-        x = np.frombuffer(bytearray().join(data[split]), np.uint8).reshape(-1, seq_len)
-        data[split] = None  # free the per-document pieces
-        meta = np.array(docs[split], dtype=np.int64).reshape(-1, 4)  # (n_docs, 4)
-        src, did, n = meta[:, 0], meta[:, 1], meta[:, 2]
-        return _examples(x, remap[np.repeat(src, n)], np.repeat(did, n), sources)
-
-    return Corpus(build("train"), build("valid"), build("test"), sources, spec)
+    # the steps of a prepared copy's build (_build), in one process, into buffers: {name: io.BytesIO}
+    parts, out = [{} for _ in files], {}
+    results = _prepare_parts(files, parts, seq_len, doc_mode, workers=1)
+    return _corpus(out, _join(results, parts, out, seq_len, f"{flag}: {spec}"), seq_len, spec)
 
 
 # -----------------------------------------------------------------------------
 # prepared pools: a corpus read once into flat files that every later run maps (nanoGPT's train.bin)
 #
 # A prepared copy is one directory of the cache: per split, `SPLIT.x` ((N, seq_len) uint8 windows) and
-# `SPLIT.source_id`, `SPLIT.doc_id` ((N,) int64), raw; then manifest.json (the inputs' paths, sizes and
-# modification times, seq_len, doc_mode, FORMAT; the sources and the row counts). A run maps the files
-# with np.memmap: it reads only the pages of the rows it draws, and the OS page cache holds them once for
-# all the processes that map them (torchrun's ranks). Disk: N · (seq_len + 16) bytes.
+# `SPLIT.source_id`, `SPLIT.doc_id` ((N,) int64), and `doc_hash` ((n_docs,) little-endian int64, by doc
+# id), raw; then manifest.json (the inputs' paths, sizes and modification times, seq_len, doc_mode,
+# FORMAT; the sources, the row counts and the readers' warnings, repeated on every load). A run maps the
+# files with np.memmap: it reads only the pages of the rows it draws, and the OS page cache holds them
+# once for all the processes that map them (torchrun's ranks). Disk: N · (seq_len + 16) + 8 n_docs bytes.
+# The in-memory read ("off") takes the same steps with a dict of io.BytesIO buffers in place of files.
 
-FORMAT = 1          # the copy's layout and split rule: a new value rebuilds every prepared copy
+FORMAT = 2          # the copy's layout and split rule: a new value rebuilds every prepared copy
 POOLS = "adaptive-training-pools"   # the cache's subdirectory
 BLOCK = 1 << 22     # bytes of windows buffered before a write, and copied at a time (bounded memory)
 IDS = ("source_id", "doc_id")
+NAMES = [f"{s}.{k}" for s in SPLITS for k in ("x", *IDS)] + ["doc_hash"]   # a store's arrays
 
 
 def cache_root(cache: str) -> str:
@@ -328,7 +312,7 @@ def load_prepared(files: list, spec: str, seq_len: int, doc_mode: str, flag: str
     stats = [[os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in files]
     want = {"format": FORMAT, "seq_len": seq_len, "doc_mode": doc_mode, "files": stats}
     # one directory per (file list, settings), named for people who look into the cache
-    key = hashlib.sha1(json.dumps([want["files"][i][0] for i in range(len(files))]).encode()).hexdigest()
+    key = hashlib.sha1(json.dumps([f[0] for f in stats]).encode()).hexdigest()
     name = re.sub(r"[^\w.-]", "_", os.path.basename(spec.rstrip("/")))[:40]
     path = os.path.join(root, f"{name}-{seq_len}-{doc_mode}-f{FORMAT}-{key[:12]}")
     manifest = _manifest(path, want)
@@ -343,7 +327,7 @@ def load_prepared(files: list, spec: str, seq_len: int, doc_mode: str, flag: str
                     manifest = _build(path, files, want, spec, flag, workers)
         except OSError as e:
             raise DataError(f"--data_cache: cannot write in {root} ({_one_line(e)}); DIR or off") from None
-    return Corpus(*(_mapped(path, s, manifest) for s in SPLITS), manifest["sources"], spec)
+    return _corpus(path + "/", manifest, seq_len, spec)
 
 
 def _manifest(path: str, want: dict):
@@ -356,32 +340,19 @@ def _manifest(path: str, want: dict):
     return m if all(m.get(k) == v for k, v in want.items()) else None
 
 
-def _mapped(path: str, split: str, m: dict) -> Examples:
-    # copy-on-write maps ("c"): writable for torch.from_numpy, never written back, read as touched
-    n, L = m["rows"][split], m["seq_len"]
-    arrays = []
-    for k, dtype, shape in zip(("x", *IDS), (np.uint8, np.int64, np.int64), ((n, L), (n,), (n,))):
-        f = os.path.join(path, f"{split}.{k}")
-        # an empty file cannot be mapped: np.fromfile reads its nothing
-        arrays.append(np.memmap(f, dtype, "c", 0, shape) if n else np.fromfile(f, dtype).reshape(shape))
-    return Examples(*(torch.from_numpy(a) for a in arrays), m["sources"])       # (N, L), (N,), (N,)
-
-
 def _build(path: str, files: list, want: dict, spec: str, flag: str, workers: int) -> dict:
     """Prepare `files` into path, under the lock: each file into its own part (_prepare_file, in
-    parallel), then the parts joined in file order by load_corpus's rules (_join). Everything is written
-    into path.tmpPID, renamed to path at the end: an interrupted build leaves no copy that a run uses."""
+    parallel, path/parts/I.*), then the parts joined in file order by load_corpus's rules (_join).
+    Everything is written into path.tmpPID, renamed to path at the end: an interrupted build leaves no
+    copy that a run uses."""
     for old in glob.glob(glob.escape(path) + ".tmp*"):       # what an interrupted build left
         shutil.rmtree(old, ignore_errors=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(os.path.join(tmp, "parts"))
-        parts = [os.path.join(tmp, "parts", str(i)) for i in range(len(files))]
+        parts = [os.path.join(tmp, "parts", f"{i}.") for i in range(len(files))]
         results = _prepare_parts(files, parts, want["seq_len"], want["doc_mode"], workers)
-        manifest = dict(want, **_join(results, parts, tmp, want["seq_len"]))
-        if manifest["rows"]["train"] == 0:
-            raise DataError(f"{flag}: {spec}: no training examples ({sum(r['n_docs'] for r in results)} "
-                            "documents, none in the train split)")
+        manifest = dict(want, **_join(results, parts, tmp + "/", want["seq_len"], f"{flag}: {spec}"))
         shutil.rmtree(os.path.join(tmp, "parts"))
         write_json(os.path.join(tmp, "manifest.json"), manifest)
         shutil.rmtree(path, ignore_errors=True)   # a stale copy (a run that maps it keeps its pages)
@@ -391,17 +362,50 @@ def _build(path: str, files: list, want: dict, spec: str, flag: str, workers: in
     return manifest
 
 
-def _prepare_file(path: str, prefix: str, seq_len: int, doc_mode: str, progress=None) -> dict:
-    """One file's documents into prefix.SPLIT.{x,source_id,doc_id}, streaming, cut as load_corpus cuts
-    them. Returns what joining the parts needs: the file's sources (first-seen order), its documents, its
-    rows per split, the sources with a train document, and, per source, its hash-split valid/test
-    documents (how many; where the first is: split, row, windows): load_corpus's small-set rule."""
+def _sink(stack: contextlib.ExitStack, store, name: str):
+    # where an array of a store is written: the file store+name (a path prefix), or a buffer (store: a dict)
+    if isinstance(store, dict):
+        return store.setdefault(name, io.BytesIO())
+    return stack.enter_context(open(store + name, "wb", buffering=BLOCK))
+
+
+def _array(store, name: str, dtype) -> np.ndarray:
+    # an array of a store, as written: a buffer's view, or the file mapped copy-on-write ("c": writable for
+    # torch.from_numpy, never written back, read as touched; an empty file cannot be mapped)
+    if isinstance(store, dict):
+        return np.frombuffer(store[name].getbuffer(), dtype)
+    if os.path.getsize(store + name) == 0:
+        return np.zeros(0, dtype)
+    return np.memmap(store + name, dtype, "c")
+
+
+def _split(store, split: str, seq_len: int) -> list:
+    # a split's rows: x (N, L) uint8, source_id (N,), doc_id (N,) int64
+    x = _array(store, f"{split}.x", np.uint8).reshape(-1, seq_len)
+    return [x, _array(store, f"{split}.source_id", np.int64), _array(store, f"{split}.doc_id", np.int64)]
+
+
+def _corpus(store, m: dict, seq_len: int, spec: str) -> Corpus:
+    # the Corpus that _rows wrote in store (m: what it returned); its readers' warnings, on every load
+    for warning in m["warnings"]:
+        print(warning)
+    splits = [_examples(*_split(store, s, seq_len), m["sources"]) for s in SPLITS]
+    return Corpus(*splits, list(m["sources"]), spec, _array(store, "doc_hash", "<i8"))     # (n_docs,)
+
+
+def _prepare_file(path: str, part, seq_len: int, doc_mode: str, skip_empty: bool, progress=None) -> dict:
+    """One file's documents into the store `part` (SPLIT.{x,source_id,doc_id}, doc_hash), streaming, each
+    cut into windows. Returns what joining the parts needs: the file's sources (first-seen order), its
+    documents, its rows per split, the sources with a train document, and, per source, its hash-split
+    valid/test documents (how many; where the first is: split, row, windows): the small-set rule (_moved);
+    and read_documents' warnings."""
     rows = dict.fromkeys(SPLITS, 0)
-    names, in_train, held, n_docs = {}, set(), {}, 0
+    names, in_train, held, n_docs, warnings = {}, set(), {}, 0, []
     with contextlib.ExitStack() as stack:
-        out = {s: [stack.enter_context(open(f"{prefix}.{s}.{k}", "wb", buffering=BLOCK)) for k in ("x", *IDS)]
-               for s in SPLITS}
-        for b, source, given in read_documents(path, hash_splits=False, progress=progress):
+        out = {name: _sink(stack, part, name) for name in NAMES}
+        docs = read_documents(path, hash_splits=False, skip_empty=skip_empty, progress=progress,
+                              warn=warnings.append)
+        for b, source, given in docs:
             split = given or hash_split(b)
             k = names.setdefault(source, len(names))
             chunk, n = windows(b, seq_len, doc_mode)
@@ -409,66 +413,73 @@ def _prepare_file(path: str, prefix: str, seq_len: int, doc_mode: str, progress=
                 in_train.add(k)
             elif given is None:
                 held.setdefault(k, [0, (split, rows[split], n)])[0] += 1
-            out[split][0].write(chunk)                              # (n, seq_len) bytes
-            out[split][1].write(k.to_bytes(8, sys.byteorder) * n)         # (n,) int64: the windows share k
-            out[split][2].write(n_docs.to_bytes(8, sys.byteorder) * n)    # (n,) int64: and the doc id
+            out[f"{split}.x"].write(chunk)                                        # (n, seq_len) bytes
+            out[f"{split}.source_id"].write(k.to_bytes(8, sys.byteorder) * n)     # (n,) int64: k, per window
+            out[f"{split}.doc_id"].write(n_docs.to_bytes(8, sys.byteorder) * n)   # (n,) int64: and the doc id
+            out["doc_hash"].write(hashlib.md5(b).digest()[:8])    # (1,) little-endian int64: 64 bits of MD5
             rows[split] += n
             n_docs += 1
-    return {"names": list(names), "n_docs": n_docs, "rows": rows, "in_train": in_train, "held": held}
+    return {"names": list(names), "n_docs": n_docs, "rows": rows, "in_train": in_train, "held": held,
+            "warnings": warnings}
 
 
 def _prepare_parts(files: list, parts: list, seq_len: int, doc_mode: str, workers: int) -> list:
     """_prepare_file for each file, in `workers` processes (0: one a file, at most one a CPU), under a
-    progress bar in bytes read from disk: a file at a time, or as it is read with one process."""
+    progress bar in bytes read from disk: a file at a time, or as it is read with one process. An empty
+    file among several is skipped (a single named one is an error)."""
     workers = min(len(files), workers or os.cpu_count() or 1)
     sizes = [os.path.getsize(f) for f in files]
-    jobs = [(f, p, seq_len, doc_mode) for f, p in zip(files, parts)]
-    results = []
+    jobs = [(f, p, seq_len, doc_mode, len(files) > 1) for f, p in zip(files, parts)]
     # on a terminal only (stderr), and gone when done: an error stays the one line it is
     with tqdm(total=sum(sizes), unit="B", unit_scale=True, desc=f"preparing {len(files)} file(s)",
               disable=None, leave=False) as bar:
-        if workers == 1:
-            for job, end in zip(jobs, itertools.accumulate(sizes)):
-                results.append(_prepare_file(*job, bar.update))
-                bar.update(end - bar.n)         # the rest of the file
-        else:       # processes: a file each, in turn
-            with ProcessPoolExecutor(workers) as pool:
-                for r, size in zip(pool.map(_prepare_file, *zip(*jobs)), sizes):    # in file order
-                    results.append(r)
-                    bar.update(size)
+        if workers == 1:        # in this process: the bar moves as each file is read
+            return [_prepare_file(*job, bar.update) for job in jobs]
+        results = []
+        with ProcessPoolExecutor(workers) as pool:          # processes: a file each, in turn
+            for r, size in zip(pool.map(_prepare_file, *zip(*jobs)), sizes):    # in file order
+                results.append(r)
+                bar.update(size)
     return results
 
 
-def _join(results: list, parts: list, out: str, seq_len: int) -> dict:
-    """The parts into out/SPLIT.*, rows in load_corpus's order: each split's documents in file order,
+def _join(results: list, parts: list, out, seq_len: int, where: str) -> dict:
+    """The parts into the store `out`, rows in load_corpus's order: each split's documents in file order,
     then the documents the small-set rule moves to train (_moved) at the end of train. Source ids become
-    indices into the sorted names, doc ids count documents over all files. Returns sources and rows."""
+    indices into the sorted names, doc ids count documents over all files. Returns the sources, the rows
+    per split and the readers' warnings; no training row is an error (where: "--flag: spec")."""
     names = list(dict.fromkeys(n for r in results for n in r["names"]))      # first-seen order over files
-    sources = sorted(names)
+    sources = sorted(names)               # sorted source names, so ids do not depend on file order
     remaps = [np.array([sources.index(n) for n in r["names"]], dtype=np.int64) for r in results]
     first_doc = np.cumsum([0] + [r["n_docs"] for r in results])              # each file's first doc id
     moved = _moved(results, names)                                            # [(part, split, row, n)]
     rows = {}
-    for split in SPLITS:
-        with contextlib.ExitStack() as stack:
-            dst = [stack.enter_context(open(os.path.join(out, f"{split}.{k}"), "wb")) for k in ("x", *IDS)]
+    with contextlib.ExitStack() as stack:
+        dst = {name: _sink(stack, out, name) for name in NAMES}
+        for split in SPLITS:
+            to = [dst[f"{split}.{k}"] for k in ("x", *IDS)]
             for p, r in enumerate(results):
                 # the part's rows [lo, row), then the n rows of a document moved to train are skipped
                 skip = sorted((row, n) for q, s, row, n in moved if (q, s) == (p, split))
                 lo = 0
                 for row, n in skip + [(r["rows"][split], 0)]:
-                    _copy_rows(dst, f"{parts[p]}.{split}", lo, row, seq_len, remaps[p], first_doc[p])
+                    _copy_rows(to, _split(parts[p], split, seq_len), lo, row, remaps[p], first_doc[p])
                     lo = row + n
             if split == "train":
                 for p, s, row, n in moved:
-                    _copy_rows(dst, f"{parts[p]}.{s}", row, row + n, seq_len, remaps[p], first_doc[p])
-            rows[split] = dst[1].tell() // 8
-    return {"sources": sources, "rows": rows}
+                    _copy_rows(to, _split(parts[p], s, seq_len), row, row + n, remaps[p], first_doc[p])
+            rows[split] = to[1].tell() // 8
+        for part in parts:               # the documents' hashes, by doc id: the files' in file order
+            dst["doc_hash"].write(_array(part, "doc_hash", np.uint8))
+    if rows["train"] == 0:
+        raise DataError(f"{where}: no training examples ({first_doc[-1]} documents, none in the train split)")
+    return {"sources": sources, "rows": rows, "warnings": [w for r in results for w in r["warnings"]]}
 
 
 def _moved(results: list, names: list) -> list:
-    """load_corpus's small-set rule on the parts' summaries: a source with no train document and >= 2
-    hash-split valid/test ones has its first (lowest doc id) moved to train. [(part, split, row, n)]"""
+    """Small document sets: a source with >= 2 documents, none of which hashed into train, gets its first
+    (lowest doc id) hash-split one moved to train (otherwise it would never be trained on); a split given
+    in a .jsonl record is kept. On the parts' summaries: [(part, split, row, n)]."""
     k_of = {n: k for k, n in enumerate(names)}
     in_train, count, first = set(), {}, {}
     for p, r in enumerate(results):
@@ -477,19 +488,20 @@ def _moved(results: list, names: list) -> list:
             k = k_of[r["names"][j]]
             count[k] = count.get(k, 0) + c
             first.setdefault(k, (p, *where))       # the earliest file holds the lowest doc id
-    # load_corpus's very set expression: the order it iterates in is the order of the moved rows in train
+    # the order this set expression iterates in is the order of the moved rows in train
     return [first[k] for k in set(range(len(names))) - in_train if count.get(k, 0) >= 2]
 
 
-def _copy_rows(dst: list, part: str, lo: int, hi: int, seq_len: int, remap, first_doc: int):
-    # rows [lo, hi) of a part's split appended to dst (x, source_id, doc_id), a block at a time; source
+def _copy_rows(dst: list, rows: list, lo: int, hi: int, remap, first_doc: int):
+    # rows [lo, hi) of a part's split (x, source_id, doc_id) appended to dst, a block at a time; source
     # ids: the file's first-seen order -> the sorted names; doc ids: the file's -> over all files
-    step = max(1, BLOCK // seq_len)
+    x, source_id, doc_id = rows
+    step = max(1, BLOCK // x.shape[1])
     for a in range(lo, hi, step):
-        n = min(hi, a + step) - a
-        np.fromfile(f"{part}.x", np.uint8, n * seq_len, offset=a * seq_len).tofile(dst[0])   # (n * L,)
-        remap[np.fromfile(f"{part}.source_id", np.int64, n, offset=8 * a)].tofile(dst[1])   # (n,)
-        (np.fromfile(f"{part}.doc_id", np.int64, n, offset=8 * a) + first_doc).tofile(dst[2])   # (n,)
+        b = min(hi, a + step)
+        dst[0].write(x[a:b])                         # (n, L)
+        dst[1].write(remap[source_id[a:b]])          # (n,)
+        dst[2].write(doc_id[a:b] + first_doc)        # (n,)
 
 
 def load_data(cfg: dict, pool_needed: int = 1):
@@ -512,6 +524,8 @@ def load_data(cfg: dict, pool_needed: int = 1):
         specifics = [load_corpus(s, seq_len, doc_mode, "--specific", cfg["data_cache"], cfg["data_workers"])
                      for s in specific.split(";")]
         info = {}
+        g = trained_sources(g)
+        check_overlap(g, specifics, cfg.get("allow_overlap", False))
     # the denoising setting: the generic corpus re-labelled into K noisy sources. It reads the whole pool
     # and holds a corrupted copy in memory (a prepared pool's memory map is not enough here)
     if cfg["noise_sources"]:
@@ -532,6 +546,78 @@ def load_data(cfg: dict, pool_needed: int = 1):
     if len(g.valid) == 0:
         print("warning: --generic: no document fell in the valid split; the generic valid loss is skipped")
     return g, specifics, info
+
+
+def trained_sources(g: Corpus) -> Corpus:
+    """The generic corpus without its sources that have no training example (a single short .txt whose
+    document hashed into valid or test): no weight, no share of the pool can be learned for them (a
+    warning lists them once). Valid and test keep every document, their ids into their own full
+    Examples.sources (only their bytes are evaluated)."""
+    counts = torch.bincount(g.train.source_id, minlength=len(g.sources))                    # (K,)
+    if counts.all():
+        return g
+    empty = [n for n, c in zip(g.sources, counts.tolist()) if c == 0]
+    shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+    print(f"warning: --generic: {len(empty)} of {len(g.sources)} sources have no training example: left out "
+          f"of the source weights and shares: {shown}")
+    new_id = torch.cumsum(counts > 0, 0) - 1                            # (K,) old source id -> new id
+    sources = [n for n, c in zip(g.sources, counts.tolist()) if c > 0]
+    train = Examples(g.train.x, new_id[g.train.source_id], g.train.doc_id, sources)
+    return Corpus(train, g.valid, g.test, sources, g.name, g.doc_hash)
+
+
+def document_hashes(c: Corpus, e: Examples) -> tuple:
+    """(hash of each document of e, the row of its first window): e's documents, one entry each."""
+    ids, rows = np.unique(e.doc_id.numpy(), return_index=True)
+    return c.doc_hash[ids].tolist(), rows
+
+
+def check_overlap(g: Corpus, specifics: list, allow: bool):
+    """Contamination, by a hash of each document's bytes (all of it, as read): a specific set's valid or
+    test document that is also in the generic corpus is an error naming the files and the count (allow: a
+    warning); documents shared by a specific set's own splits are a warning with their counts."""
+    # every generic document, whatever its split: identical documents share a hash split, so a copy of
+    # the specific file in --generic would otherwise sit in generic valid/test, one edit from training
+    pool = {}                                                         # {hash: the document's source}
+    for e in (g.train, g.valid, g.test):
+        hashes, rows = document_hashes(g, e)
+        pool.update(zip(hashes, (e.sources[i] for i in e.source_id[rows].tolist())))
+    for s in specifics:
+        h = {split: document_hashes(s, getattr(s, split))[0] for split in SPLITS}
+        shared = [k for split in ("valid", "test") for k in h[split] if k in pool]
+        if shared:
+            where = sorted({pool[k] for k in shared})
+            more = " …" if len(where) > 5 else ""
+            msg = (f"{len(shared)} valid/test documents of --specific {s.name} are also in the generic "
+                   f"corpus (--generic {g.name}, sources {', '.join(where[:5])}{more})")
+            if not allow:
+                raise DataError(f"{msg}: remove them from --generic, or --allow_overlap")
+            print(f"warning: {msg} (--allow_overlap)")
+        seen = {split: set(h[split]) for split in SPLITS}
+        pairs = [(a, b, sum(k in seen[a] for k in h[b])) for a, b in (("train", "valid"), ("train", "test"),
+                                                                       ("valid", "test"))]
+        counts = [f"{n} {b} documents copy {a} ones" for a, b, n in pairs if n]
+        if counts:
+            print(f"warning: --specific {s.name}: {', '.join(counts)}")
+
+
+def fingerprint(cfg: dict, g: Corpus, specifics: list) -> dict:
+    """What a run reads: each input file's size and modification time, and each corpus's example counts.
+    On --resume (cfg["inputs"] saved by the run): a one-line DataError naming what changed."""
+    now = {}
+    for flag, specs in (("--generic", [cfg["generic"]]), ("--specific", cfg["specific"].split(";"))):
+        for path in (f for spec in specs if spec for f in resolve_files(spec, flag)):
+            st = os.stat(path)
+            now[f"{flag} file {os.path.abspath(path)}"] = f"{st.st_size} bytes, modified {st.st_mtime_ns} ns"
+    for c in [g, *specifics]:
+        now[f"{c.name} examples"] = f"{len(c.train)} train, {len(c.valid)} valid, {len(c.test)} test"
+    saved = cfg.get("inputs") if cfg["resume"] else None
+    if saved is not None and saved != now:
+        diff = [f"{k}: {saved.get(k, 'absent')} -> {now.get(k, 'absent')}"
+                for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+        raise DataError(f"--resume: the data changed since the run started ({'; '.join(diff[:3])}"
+                        f"{'; …' if len(diff) > 3 else ''}): resume with the same files, or start a new run")
+    return now
 
 
 def noisy_corpus(g: Corpus, K: int, seed: int) -> Corpus:
@@ -585,7 +671,10 @@ def atomic_write(path, write):
 
 def write_json(path, obj):
     """config.json and summary.json: indented JSON, written atomically."""
-    atomic_write(path, lambda p: json.dump(obj, open(p, "w"), indent=1))
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    atomic_write(path, write)
 
 
 def document_subset(examples: Examples, n: int, seed: int, flag: str = "--specific_train_docs") -> Examples:
@@ -818,14 +907,14 @@ def get_c4(out: str = "c4", docs: int = 100000, first_bytes: int = 0, shards: st
     done = 0
     for i, src in enumerate(sources[:docs]):       # a shard gives at least one document
         path = os.path.join(out, f"c4-{i:05d}.jsonl.gz")
-        with _open(src) as raw, gzip.open(raw, "rt", encoding="utf-8") as lines:
-            with gzip.open(path + ".tmp", "wt", encoding="utf-8") as f:
-                for line in itertools.islice(lines, docs - done):
-                    text = json.loads(line)["text"]        # C4's records: {"text", "timestamp", "url"}
-                    if first_bytes:
-                        text = encode(text)[:first_bytes].decode("utf-8", errors="ignore")
-                    f.write(json.dumps({"text": text, "source": "c4"}) + "\n")
-                    done += 1
+        with _open(src) as raw, gzip.open(raw, "rt", encoding="utf-8") as lines, gzip.open(
+                path + ".tmp", "wt", encoding="utf-8") as f:
+            for line in itertools.islice(lines, docs - done):
+                text = json.loads(line)["text"]        # C4's records: {"text", "timestamp", "url"}
+                if first_bytes:
+                    text = encode(text)[:first_bytes].decode("utf-8", errors="ignore")
+                f.write(json.dumps({"text": text, "source": "c4"}) + "\n")
+                done += 1
         os.replace(path + ".tmp", path)
         if done == docs:
             break

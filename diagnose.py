@@ -31,7 +31,7 @@ Sections, in order:
 """
 
 import contextlib, gzip, heapq, importlib.util, inspect, itertools, json, math, os, platform, random, re
-import resource, signal, subprocess, sys, tempfile, time
+import signal, subprocess, sys, tempfile, time
 from collections import Counter
 
 import numpy as np
@@ -42,6 +42,7 @@ import bilevel
 import data
 import train
 import weighter
+from model import CONFIG_KEYS
 from weighter import Weighter, score
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -174,7 +175,7 @@ SAR_OPTIONS = dict(
     ckpt=("", "θ from this train.py checkpoint (ckpt.pt or run directory); else pretrained here"),
     pretrain_steps=(300, "without --ckpt: baseline steps on the generic data that give θ"),
     draws=(20, "draws of (B_specific, B_generic, held-out examples x)"),
-    n_examples=(64, "held-out examples x of each kind per draw"),
+    n_examples=(64, "held-out examples x of each kind per draw (at most 1024)"),
     out_json=("", "also write the rates and their intervals here"),
     save_ckpt=("", "without --ckpt: save the pretrained θ here, for later `sar --ckpt=...`"))
 
@@ -219,10 +220,11 @@ def bootstrap_over_draws(ind, n_boot=2000, seed=0):
     return torch.quantile(means, 0.025).item(), torch.quantile(means, 0.975).item()
 
 
-def rate_summary(ind):
-    """ind: (draws, n) bool → {rate, bootstrap CI, Wilson CI, n}."""
-    k, n = int(ind.sum()), ind.numel()
-    return dict(rate=k / n, ci95_bootstrap_draws=bootstrap_over_draws(ind), ci95_wilson=wilson(k, n), n=n)
+def rate_summary(ind, n_docs):
+    """ind: (draws, n) bool → {rate, bootstrap CI, Wilson CI over the n_docs distinct documents, n}."""
+    rate, n = ind.float().mean().item(), ind.numel()
+    return dict(rate=rate, ci95_bootstrap_draws=bootstrap_over_draws(ind), n=n, n_docs=n_docs,
+                ci95_wilson=wilson(rate * n_docs, n_docs))
 
 
 def sar_setup(opts, train_argv):
@@ -231,7 +233,9 @@ def sar_setup(opts, train_argv):
     for t steps") with train.py's own step and learning-rate schedule."""
     ckpt, steps = opts["ckpt"], opts["pretrain_steps"]
     if ckpt:
-        need(not any(a.startswith("--preset=") for a in train_argv), "--preset: not with --ckpt (it has one)")
+        # the checkpoint fixes the preset and θ's shape: a flag for them would not match its state_dict
+        fixed = [a.split("=")[0] for a in train_argv if a[2:].split("=")[0] in ("preset", *CONFIG_KEYS)]
+        need(not fixed, f"{', '.join(fixed)}: not with --ckpt (the checkpoint fixes the model's settings)")
         st = data.read_checkpoint(os.path.join(ckpt, "ckpt.pt") if os.path.isdir(ckpt) else ckpt, "--ckpt")
         need("model" in st and "config" in st, f"--ckpt: {ckpt} holds no model θ (a weighters/ snapshot?)")
         # the checkpoint's settings, and the ones given here over them (e.g. another --specific)
@@ -263,26 +267,29 @@ def cmd_sar(opts, train_argv):
     cannot tell them apart, and bilevel selection is unlikely to help. Paper, Table 8: language modelling
     (C4 -> Reuters) SAR 86.2%, GAR 69.4%; image classification, where selection did not help, 50.3%,
     49.8%."""
-    need(opts["draws"] > 0 and opts["n_examples"] > 0, "--draws and --n_examples: must be positive")
+    need(opts["draws"] > 0 and 0 < opts["n_examples"] <= 1024, "--draws: > 0; --n_examples: in 1..1024")
     ctx, origin, steps = sar_setup(opts, train_argv)
     need(len(ctx.specifics) == 1, "--specific: sar takes one specific set")
     if steps < 200:      # a θ this close to its initialisation: the rates say little about training
         print(f"warning: θ trained {steps} steps (< 200): the rates are not meaningful yet", file=sys.stderr)
     cfg, b, n, spec, gen = ctx.cfg, ctx.cfg["batch_size"], opts["n_examples"], ctx.specifics[0], ctx.generic
-    g, ind = torch.Generator().manual_seed(cfg["seed"] + 1000), []
+    g, ind, docs = torch.Generator().manual_seed(cfg["seed"] + 1000), [], []
     for _ in tqdm(range(opts["draws"]), desc="SAR/GAR draws", leave=False, disable=None):
         # each draw: fresh held-out x (n, T) of both kinds, fresh training batches B_specific, B_generic
         # (b, T): x_specific, x_generic, B_specific, B_generic, each of uniform draws of rows
-        x = [e.x[torch.randint(len(e), (k,), generator=g)].to(ctx.device)
-             for e, k in ((spec.valid, n), (gen.valid, n), (spec.train, b), (gen.train, b))]
-        ind.append(acceleration_indicators(ctx.model.eval(), *x))
-    res = dict(sar=rate_summary(torch.stack([s.cpu() for s, _ in ind])), theta=origin, theta_steps=steps,
-               gar=rate_summary(torch.stack([r.cpu() for _, r in ind])), generic=cfg["generic"] or "builtin",
+        rows = [(e, torch.randint(len(e), (k,), generator=g))
+                for e, k in ((spec.valid, n), (gen.valid, n), (spec.train, b), (gen.train, b))]
+        ind.append(acceleration_indicators(ctx.model.eval(), *(e.x[i].to(ctx.device) for e, i in rows)))
+        docs.append([e.doc_id[i] for e, i in rows[:2]])     # the held-out documents drawn (with repeats)
+    # the Wilson interval over the distinct held-out documents: a repeat draw is not a new observation
+    n_docs = [len(torch.unique(torch.cat([d[k] for d in docs]))) for k in (0, 1)]
+    sar, gar = (rate_summary(torch.stack([pair[k].cpu() for pair in ind]), n_docs[k]) for k in (0, 1))
+    res = dict(sar=sar, gar=gar, theta=origin, theta_steps=steps, generic=cfg["generic"] or "builtin",
                specific=cfg["specific"] or "builtin", batch_size=b, draws=len(ind), n_examples_per_draw=n)
     for name in ("sar", "gar"):
         r, (lo, hi), (wlo, whi) = res[name], res[name]["ci95_bootstrap_draws"], res[name]["ci95_wilson"]
         print(f"{name.upper()} {100 * r['rate']:5.1f}%  95% CI {100 * lo:.1f}-{100 * hi:.1f} (bootstrap over "
-              f"{opts['draws']} draws; Wilson {100 * wlo:.1f}-{100 * whi:.1f} over {r['n']} examples)")
+              f"{opts['draws']} draws; Wilson {100 * wlo:.1f}-{100 * whi:.1f} over {r['n_docs']} documents)")
     # then the docstring's last paragraph: what the rates mean
     print(f"θ: {origin} | |B| = {b}\n\n" + inspect.cleandoc(cmd_sar.__doc__).split(":\n\n")[-1])
     if opts["out_json"]:
@@ -471,7 +478,8 @@ SELECT_OPTIONS = dict(
     max_docs=(0, "read only this many documents, drawn uniformly over the whole input; 0 = all"),
     first_docs=(False, "with --max_docs: the first max_docs documents in reading order instead"),
     batch=(256, "documents scored together"),
-    seed=(0, "seed of the --max_docs draw and of --mode=sample"))
+    seed=(0, "seed of the --max_docs draw and of --mode=sample"),
+    overwrite=(False, "replace an existing --output"))
 
 
 class TopK:
@@ -516,6 +524,8 @@ def check_select(opts):
     need(out not in map(os.path.realpath, inputs) and not os.path.isdir(out),
          f"--output: {opts['output']} is an input file or a directory; not writing it")
     need(os.path.isdir(os.path.dirname(out)), f"--output: {opts['output']}: no such directory")
+    need(out.endswith((".jsonl", ".jsonl.gz")), f"--output: {opts['output']}: not a .jsonl or .jsonl.gz name")
+    need(opts["overwrite"] or not os.path.exists(out), f"--output: {opts['output']} exists (--overwrite)")
 
 
 def progress(docs, what):
@@ -577,9 +587,10 @@ def cmd_select(opts, _):
 
     def write(tmp):           # pass 2: the kept documents, in reading order, as JSON lines
         with opener(tmp, "wt", encoding="utf-8") as f:
-            for i, (_, src, _, text) in numbered_documents(opts["input"], chosen, n_max):
+            for i, (_, src, split, text) in numbered_documents(opts["input"], chosen, n_max):
                 if i in keep:
-                    f.write(json.dumps({"text": text, "source": src, "score": keep[i][0]}) + "\n")
+                    rec = {"text": text, "source": src, "split": split, "score": keep[i][0]}
+                    f.write(json.dumps(rec) + "\n")
     save(opts["output"], write)
     selection_report(opts, keep, per_source, n_docs)
     return 0
@@ -589,13 +600,25 @@ def cmd_select(opts, _):
 # compare: final losses and time to a target specific loss (the paper's Figure 1)
 #
 #   speedup = (steps, or train seconds, the baseline takes to reach the target) / (the same for a run)
-# The target is the baseline's final pretraining loss unless --target is given. Runs trained on
-# other specific sets have other losses: they are refused unless --force.
+# The target is the baseline's final pretraining loss unless --target is given (or --horizon=H: its loss
+# at step H, for the speedup at a horizon H). Runs trained on other specific sets have other losses: they
+# are refused unless --force. Beside them, the authors' curves: their SOBA / baseline ratio at each of their
+# evaluations against each run's ratio to the baseline at the same step (a run is at a point of its own
+# curve, not at the paper's 300k-step end: the authors' ratio falls from 0.96 at 2k steps to 0.85 at 12k).
+
+# the authors' logged Reuters valid loss (nats/byte) of the baseline and of Sparse SOBA, pretraining (their
+# 9.5M-parameter model, b = 128, |B| = 16384, evaluated every 2000 steps): step → (baseline, SOBA)
+REFERENCE = {2000: (1.5726, 1.5087), 4000: (1.4581, 1.3677), 6000: (1.4086, 1.2804), 8000: (1.3993, 1.2167),
+             10000: (1.3744, 1.1812), 12000: (1.3691, 1.1585), 14000: (1.3546, 1.1480),
+             16000: (1.3455, 1.1440), 20000: (1.3278, 1.1223), 30000: (1.3089, 1.0968),
+             50000: (1.2807, 1.0754), 100000: (1.2548, 1.0522), 200000: (1.2244, 1.0319),
+             300000: (1.2097, 1.0180)}
 
 COMPARE_OPTIONS = dict(
     runs=("", "train.py run directories, comma-separated"),
     baseline=("", "the reference run; default: the one among --runs whose method is baseline"),
-    target=(0.0, "the target loss; 0 = the baseline's final pretraining value"),
+    target=(0.0, "the target loss; 0 = the baseline's final pretraining value (or at --horizon)"),
+    horizon=(0, "the target is the baseline's loss at this step (one of its evaluations); 0 = its last"),
     metric=("specific_valid_loss", "the logged loss the target applies to"),
     interpolate=(True, "interpolate between evaluations (else: the first evaluation at or below)"),
     force=(False, "compare runs trained on different specific sets anyway"),
@@ -605,6 +628,11 @@ COMPARE_OPTIONS = dict(
 def pretrain_records(records):
     """The evaluations of pretraining, without those of fine-tuning."""
     return [r for r in records if r.get("phase", "pretrain") == "pretrain"]
+
+
+def losses_at(records, key):
+    """{step: the logged loss} of the pretraining evaluations."""
+    return {r["step"]: r[key] for r in pretrain_records(records)}
 
 
 def time_to_target(records, target, key="specific_valid_loss", interpolate=True):
@@ -643,11 +671,10 @@ def run_info(run):
 def compare_rows(info, reach, base):
     """Each run's numbers and its table row: final losses, steps and seconds to the target, speedups."""
     numbers, rows = {}, []
-    base_steps, base_s = reach[base]
     for run, r in info.items():
         steps, secs = reach[run]
         # speedup = (the baseline's steps, or seconds, to the target) / (this run's)
-        speedup = [b / a if a and b else None for a, b in ((steps, base_steps), (secs, base_s))]
+        speedup = [b / a if a and b else None for a, b in zip(reach[run], reach[base])]
         numbers[run] = {**{k: v for k, v in r.items() if k not in ("records", "last_pretrain")},
                         "steps_to_target": steps, "seconds_to_target": secs,
                         "speedup_steps": speedup[0], "speedup_time": speedup[1]}
@@ -670,28 +697,50 @@ def write_comparison(out, text, numbers, info):
         return
     key, curves = numbers["metric"], {}
     for run, r in info.items():
-        pre = pretrain_records(r["records"])
-        label = f"{r['method']}: {os.path.basename(os.path.normpath(run))}"
-        curves[label] = ([x["step"] for x in pre], [x[key] for x in pre])
+        at = losses_at(r["records"], key)
+        curves[f"{r['method']}: {os.path.basename(os.path.normpath(run))}"] = (list(at), list(at.values()))
+    if numbers["reference"]:
+        # the authors' SOBA / baseline ratio drawn on the baseline: where a run on their trajectory would be
+        rows = numbers["reference"]
+        curves["the baseline × the authors' SOBA / baseline"] = ([r[0] for r in rows], [r[1] for r in rows])
     plot(stem + ".png", [("pretraining; target: the baseline's final", key, curves, numbers["target"])])
+
+
+def reference_rows(info, base, key):
+    """At each of the authors' steps where the baseline has an evaluation: [step, the baseline's loss × the
+    authors' SOBA / baseline, the authors' baseline, SOBA, SOBA / baseline, then each other run's loss / the
+    baseline's at exactly that step (None: the run has no evaluation there)]."""
+    at, rows = {run: losses_at(r["records"], key) for run, r in info.items()}, []
+    for step in [t for t in REFERENCE if t in at[base]]:
+        b, s = REFERENCE[step]
+        ratios = [at[run][step] / at[base][step] if step in at[run] else None for run in info if run != base]
+        rows.append([step, at[base][step] * s / b, b, s, s / b, *ratios])
+    return rows
 
 
 def cmd_compare(opts, _):
     """steps and time to a target specific loss, speedups over the baseline (Figure 1)
 
     Every run of --runs must have been trained on the baseline's specific set. Prints the final
-    losses of each run, when it reached the target, and its speedup in steps and in seconds."""
+    losses of each run, when it reached the target, and its speedup in steps and in seconds. The
+    target with --horizon=H: the baseline's loss at step H (the speedup at a horizon H).
+    When the baseline was evaluated at the authors' steps (2000, 4000, …), a second table gives their
+    logged Reuters valid losses (baseline, Sparse SOBA, SOBA / baseline; 9.5M parameters, b = 128,
+    |B| = 16384) beside each run's loss / the baseline's at exactly that step (—: no evaluation there);
+    the PNG draws their ratio on the baseline's curve (where a run on their trajectory would be)."""
     runs = [r for r in opts["runs"].split(",") if r]
     need(runs, "--runs: give run directories, comma-separated")
-    named = runs + [opts["baseline"]] if opts["baseline"] else runs      # each read once
-    info = {run: run_info(run) for run in dict.fromkeys(named)}
+    info = {run: run_info(run) for run in dict.fromkeys(runs + [opts["baseline"]]) if run}     # read once
     base = opts["baseline"] or next((r for r in runs if info[r]["method"] == "baseline"), None)
     need(base, "--baseline: no run of --runs has method baseline; name one with --baseline=RUN")
     for run, r in info.items():      # (specific, specific_train_docs) of each run against the baseline's
         need(r["specific_set"] == info[base]["specific_set"] or opts["force"], f"{run}: not the baseline's "
              f"specific set ({r['specific_set']} vs {info[base]['specific_set']}); --force compares anyway")
-    key, target = opts["metric"], opts["target"] or info[base]["last_pretrain"].get(opts["metric"])
-    need(target is not None, f"{base}: no pretraining evaluation to take a target from; give --target")
+    key, horizon = opts["metric"], opts["horizon"]
+    need(any(key in rec for rec in info[base]["records"]), f"--metric: no {key!r} in {base}/log.jsonl")
+    at_base = losses_at(info[base]["records"], key)
+    target = opts["target"] or (at_base.get(horizon) if horizon else info[base]["last_pretrain"].get(key))
+    need(target is not None, f"{base}: no evaluation for a target (--horizon={horizon}); give --target")
     reach = {run: time_to_target(r["records"], target, key, opts["interpolate"]) for run, r in info.items()}
     numbers, rows = compare_rows(info, reach, base)
     how = "interpolated between evaluations" if opts["interpolate"] else "first evaluation at or below"
@@ -700,9 +749,14 @@ def cmd_compare(opts, _):
     text = (f"Time to reach {key} <= {target:.4f} ({how}; train seconds = elapsed_s, evaluation excluded). "
             f"Paper, Figure 1: loss 1.3 reached 3.9x faster by Sparse SOBA, 8.5x by frozen weights, than by "
             f"the baseline.\n\n" + markdown(header, rows))
+    if ref := reference_rows(info, base, key):     # the baseline was evaluated at one of the authors' steps
+        names = [f"{os.path.basename(os.path.normpath(run))} / baseline" for run in info if run != base]
+        header = ["step", "authors' baseline", "authors' SOBA", "authors' SOBA / baseline", *names]
+        text += f"\n\nAt equal steps: the authors' Reuters valid loss; each run's {key} / the baseline's\n\n"
+        text += markdown(header, [[t, f"{b:.4f}", f"{s:.4f}", *map(fmt, r)] for t, _, b, s, *r in ref])
     print(text)
     if opts["out"]:
-        numbers = {"target": target, "metric": key, "baseline": base, "runs": numbers}
+        numbers = {"target": target, "metric": key, "baseline": base, "runs": numbers, "reference": ref}
         write_comparison(opts["out"], text, numbers, info)
     return 0
 
@@ -877,6 +931,8 @@ def cmd_table(opts, train_argv):
          "--method, --seed, --resume, --out_dir: `table` sets them itself (see --methods, --seeds)")
     need(re.fullmatch(r"\d+(,\d+)*", opts["seeds"]), "--seeds: expected integers, comma-separated")
     methods = [m for m in opts["methods"].split(",") if m] or list(TABLE2)
+    unknown = [m for m in methods if m not in train.METHODS]
+    need(not unknown, f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(train.METHODS)})")
     sets, notes, status = specific_sets(opts, train_argv), [], {}
     if not opts["assemble_only"]:
         need(opts["jobs"] >= 1, f"--jobs: must be at least 1, got {opts['jobs']}")
@@ -995,8 +1051,7 @@ def device_name(device):
 def time_rounds(ctxs, first, n, rounds, x_B):
     """ms per step of each method, in each round ({method: [ms]}), and the ms of scoring x_B with
     the α of each method that has a text-scoring one ({method: [ms]})."""
-    dev = ctxs["baseline"].device
-    ms = {m: [] for m in ctxs}
+    dev, ms = ctxs["baseline"].device, {m: [] for m in ctxs}
     score_ms = {m: [] for m, c in ctxs.items() if isinstance(c.weighter, Weighter)}     # α scores text
     # each round times n steps of every method in turn: a slow spell of the machine hits one round
     # of every method rather than all of one method; the median over rounds is reported
@@ -1041,9 +1096,8 @@ def bench(train_argv, methods, steps, warmup, rounds):
     ms, score_ms = time_rounds(ctxs, warm, n, rounds, x_B)
     n_params = sum(p.numel() for p in base.model.parameters())
     peak = next((tf for key, tf in PEAK_BF16_TFLOPS if key in name), None) if is_cuda(dev) else None
-    res = {}
-    for m, ctx in ctxs.items():
-        res[m] = bench_result(ctx, ms[m], ms["baseline"], score_ms.get(m), warm + rounds * n, peak, n_params)
+    res = {m: bench_result(ctx, ms[m], ms["baseline"], score_ms.get(m), warm + rounds * n, peak, n_params)
+           for m, ctx in ctxs.items()}
     rows = [[m, f"{r['ms_per_step']:.1f}", f"{r['ratio']:.2f}x", f"{r['step_memory_mb']:.1f}",
              fmt(r["score_fraction"], ".2f"), f"{r['trained_bytes_per_s'] / 1e3:.1f}", fmt(r["mfu"], ".1%")]
             for m, r in res.items()]
@@ -1052,11 +1106,8 @@ def bench(train_argv, methods, steps, warmup, rounds):
     print(f"{name}: the median over {rounds} rounds of {n} steps (the methods in turn), after {warm} warm-up "
           f"steps; peak MB: allocated during one cycle of outer_every steps, above what was allocated "
           f"before.\n\n" + markdown(header, rows))
-    # this process's peak memory: allocated GPU memory on CUDA, the resident set size on a CPU (kB)
-    if is_cuda(dev):
-        process_mb = torch.cuda.max_memory_allocated(dev) / 2**20
-    else:
-        process_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # this process's peak memory: allocated GPU memory on CUDA, the resident set size on a CPU
+    process_mb = train.peak_mem_mb(dev)
     return res, dict(device=name, device_type=torch.device(dev).type, peak_bf16_tflops=peak, cfg=cfg,
                      n_params=n_params, process_peak_memory_mb=process_mb)
 
@@ -1091,7 +1142,7 @@ GPUCHECK_OPTIONS = dict(
     steps=(200, "training steps of each train.py run (baseline, Sparse SOBA)"),
     bench_steps=(10, "timed steps per method"), bench_warmup=(3, "untimed steps per method first"),
     tests=("tests/test_cuda.py", "the pytest file run first, relative to the repository; empty = none"),
-    run_dir=("gpucheck", "directory of the train.py runs (RUN_DIR/baseline, RUN_DIR/soba)"),
+    run_dir=("", "directory of the train.py runs (RUN_DIR/baseline, RUN_DIR/soba); default: a new temp dir"),
     out=("", "the JSON report; default RUN_DIR/gpucheck.json"))
 
 
@@ -1122,12 +1173,15 @@ def cmd_gpucheck(opts, train_argv):
     need(opts["steps"] > 0 and opts["bench_steps"] > 0, "--steps and --bench_steps: must be positive")
     # every run and timing: the preset, an outer step on every step, and |B| = 128·b unless given
     argv = [f"--preset={opts['preset']}", "--outer_every=1"] + train_argv
-    b = train.parse_args(argv, train_defaults())["batch_size"]      # bad settings fail here, before any run
+    cfg = train.parse_args(argv, train_defaults())      # bad settings fail here, before any run
+    need(is_cuda(train.resolve_device(cfg["device"])) or "--device=cpu" in train_argv,
+         "gpucheck: no CUDA device; --device=cpu runs it on the CPU anyway (a dry run: give small sizes)")
+    b, run_dir = cfg["batch_size"], opts["run_dir"] or tempfile.mkdtemp(prefix="gpucheck-")
     if not any(a.startswith("--big_batch_size=") for a in train_argv):
         argv.append(f"--big_batch_size={128 * b}")
     tests, runs = run_tests(opts["tests"]), {}                                                    # (1)
     for m in ("baseline", "soba"):                                                                # (2)
-        d = os.path.join(opts["run_dir"], m)
+        d = os.path.join(run_dir, m)
         run_argv = argv + [f"--method={m}", f"--max_steps={opts['steps']}", "--finetune_steps=0"]
         rc = run_all([(m, train_cmd(run_argv, d, fresh=True), d)], 1)[m]
         if rc in (130, 143):
@@ -1141,7 +1195,7 @@ def cmd_gpucheck(opts, train_argv):
     report = dict(**facts, torch_version=torch.__version__, cuda_version=torch.version.cuda, tests=tests,
                   **{k: cfg[k] for k in ("batch_size", "big_batch_size", "seq_len", "outer_every")},
                   preset=opts["preset"], train=runs, methods=res, wall_s=time.time() - t0)
-    out = opts["out"] or os.path.join(opts["run_dir"], "gpucheck.json")
+    out = opts["out"] or os.path.join(run_dir, "gpucheck.json")
     save(out, report)
     print(f"\n{facts['device']} | torch {torch.__version__} | CUDA {torch.version.cuda} | b = "
           f"{cfg['batch_size']}, |B| = {cfg['big_batch_size']} | report: {out}")

@@ -26,7 +26,7 @@ Algorithm 1 (section 4.2) as step_sparse runs it, one outer and one inner update
     for t = 0 … max_steps − 1:
         B ← sample(D_generic, |B|)                   |B| = big_batch_size, i.i.d. uniform draws
         DDS, Anograd: α ← α − Adam(∇_α L_outer(α))    on R ⊂ B (|R| = b) and B_specific (Eq. 3)
-        S ← filter(B, w(·; α), b)                    b = batch_size draws ∝ w, without replacement
+        S ← filter(B, w(·; α), b)                    b = batch_size distinct rows of B drawn ∝ w
         SOBA: d_v, d_α on S and B_specific           α ← α − Adam(d_α), v ← v − η d_v (4.3.2)
         θ ← θ − AdamW(∇_θ (1/b) Σ_{x∈S} ℓ(x; θ))      uniform weights on the filtered batch
     then finetune_steps steps of θ on D_specific alone (the "+ fine-tune" rows of Table 2).
@@ -49,6 +49,7 @@ import sys
 import time
 import resource
 import shutil
+import tempfile
 from functools import partial
 from types import SimpleNamespace
 from typing import Callable, NamedTuple
@@ -66,7 +67,7 @@ from weighter import (LossWeighter, Replay, Weighter, effective_sample_size, fil
 
 # what diagnose.py and the tests may use: the rest of this file is free to change
 __all__ = ["config_keys", "PRESETS", "METHODS", "ConfigError", "TrainingError", "parse_args", "cast", "setup",
-           "train_step", "lr_at"]
+           "train_step", "lr_at", "peak_mem_mb"]
 
 # ---- config: the built-in experiment, small enough for a 2-core CPU in a few minutes -----------------
 # --- I/O
@@ -79,6 +80,8 @@ data_cache = ""         # prepared copies of the corpora, mapped by runs: "" = ~
 data_workers = 0        # processes preparing a corpus's files; 0 = one a file, at most one a CPU
 resume = False          # continue the run in out_dir (its saved settings; see --help for what may change)
 overwrite = False       # replace a run in out_dir (removes only the files train.py writes there)
+init_from = ""          # a run dir or its ckpt.pt: a new run whose θ starts there, with its settings (README)
+allow_overlap = False   # train even if generic documents copy specific valid/test ones (contamination)
 seed = 0                # every random stream (data draws, filter, init, dropout) derives from it
 device = "auto"         # "auto" = cuda if available, else cpu; or cpu, cuda, cuda:N
 compile = False         # torch.compile θ's first-order passes (CUDA; SOBA's double backward stays eager)
@@ -95,9 +98,11 @@ dropout = 0.0           # dropout of θ (paper: 0.1)
 # --- weighting network α (reference: embedding and one causal conv of width 128, kernel 7)
 weighter_dim = 32       # latent width of α's embedding and convolution (reference: 128)
 weighter_kernel = 7     # width of α's causal convolution
+weighter_init = "default"  # "default": PyTorch's; "reference": the authors' (Xavier conv, LeCun head, 0 bias)
 # --- optimisation of θ: AdamW(0.9, 0.98, eps 1e-9), linear warm-up then lr·√(warmup/step) (reference)
 max_steps = 600         # pretraining steps
 finetune_steps = 0      # then this many steps on the specific training set ("+ fine-tune" rows)
+finetune_lr = 0.0       # 0: fine-tuning continues θ's lr schedule and AdamW; > 0: a fresh AdamW, this lr
 batch_size = 32         # b: examples the main model trains on per step
 big_batch_size = 512    # |B_generic^big|: examples the weighter scores per step (paper: 128·b)
 specific_batch_size = 32  # |B_specific| for the outer losses
@@ -111,6 +116,7 @@ rho = 0.1               # DDS look-ahead step ρ (reference: 0.1)
 soba_v_optim = "adam"   # "adam": Adam on v at the main lr (reference code); "sgd": v ← v − η d_v (paper)
 soba_v_lr = 0.0         # η for v; 0 = the main model's lr schedule
 soba_chunks = 1         # SOBA's second-order pass in this many micro-batches: same numbers, less memory
+soba_dalpha_v = "t"     # d_α from v_t (the pass of d_v) or "t+1", v updated first (reference; one more pass)
 filter = "without_replacement"  # importance | without_replacement | top (paper Table 7)
 outer_every = 1         # run the outer update every k steps (1 = every step, the paper)
 # --- baselines
@@ -134,6 +140,15 @@ eval_interval = 100     # evaluate, log and checkpoint every this many steps
 eval_examples = 2000    # evaluate on (a fixed subset of) this many examples per set; 0 = all
 eval_batch_size = 256   # rows per forward pass in evaluation (no effect on the numbers)
 # ---- end of config --------------------------------------------------------------------------------
+# the range of each numeric setting, checked by check() before anything is read or written (--help prints
+# it): an interval, a square bracket including its end. lr > 0: p's schedule divides by it; a learning
+# rate of 0 elsewhere (meta_lr, scalebio_lr_p, soba_v_lr: the main schedule) is allowed. inf is refused
+RULES = {"(0, inf)": "batch_size big_batch_size specific_batch_size seq_len n_layer n_head n_embd n_hidden "
+                     "lr rho eval_interval eval_batch_size weighter_dim outer_every soba_chunks "
+                     "lisa_interval cds_finetune_steps scalebio_alpha", "[0, 1)": "dropout",
+         "[0, inf)": "max_steps finetune_steps eval_examples specific_train_docs cds_pretrain_steps meta_lr "
+                     "scalebio_lr_p weight_decay scalebio_weight_decay grad_clip soba_v_lr finetune_lr "
+                     "data_workers", "[1, inf)": "warmup weighter_kernel", "[0, 1]": "generic_weight"}
 PRESETS = {
     # a meaningful real-corpus experiment in minutes on a 2-core CPU. outer_every=3 departs from the
     # paper (one outer step per inner step): on a CPU one outer step costs ~5 main steps, so it runs on
@@ -153,7 +168,7 @@ PRESETS = {
                   max_steps=300_000, warmup=1000, eval_interval=5000, eval_examples=0, soba_chunks=2),
 }
 # the paper's regime at CPU scale (README, "Table 2 in the paper's regime"): every 128-byte window of the
-# generic corpus (388k examples for the 96k trained on: never repeated), 30 specific training documents
+# generic corpus (388k examples for the 96k drawn: seed 0 draws 85k distinct), 30 specific training documents
 # (specific-only training overfits them by step ~900), 3000 steps and 600 of fine-tuning; meta_lr 3e-3: the
 # lowest final specific VALID loss of SOBA over 1e-4, 3e-4, 1e-3, 3e-3, on seeds 0 and 1 (README)
 PRESETS["scarce"] = dict(PRESETS["cpu"], max_steps=3000, finetune_steps=600, eval_interval=100,
@@ -182,7 +197,8 @@ def setup(cfg):
     g, specifics, info = data.load_data(cfg, pool)
     ctx = SimpleNamespace(cfg=cfg, device=dev, rank=rank, world=world, generic=g, specifics=specifics,
                           info=info, specific_names=data.set_names(specifics), step=0, stats={},
-                          b=cfg["batch_size"] // world)       # b: this rank's share of the batch
+                          b=cfg["batch_size"] // world,       # b: this rank's share of the batch
+                          ranks=bilevel.Ranks(rank, world) if world > 1 else bilevel.ONE)
     cuda = torch.device(dev).type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cuda    # TF32 on CUDA
     # the precision policy of the module docstring: bf16 autocast around every pass of θ on CUDA
@@ -207,8 +223,8 @@ def setup(cfg):
         ctx.model.compile()          # in place: the same module, the same state_dict keys
     ctx.generic_sampler = data.Sampler(len(g.train), cfg["seed"] + 1)
     ctx.specific_samplers = [data.Sampler(len(s.train), cfg["seed"] + 2 + i) for i, s in enumerate(specifics)]
-    # the filter's and the task draws (CPU); with torchrun, every rank filters its own shard of B
-    ctx.gen = torch.Generator().manual_seed(cfg["seed"] + 100 + 1000 * rank)
+    # the filter's and the task draws (CPU): the same stream on every torchrun rank (a shared choice)
+    ctx.gen = torch.Generator().manual_seed(cfg["seed"] + 100)
     if rank > 0:        # torchrun: each rank its own dropout stream (rank 0's is a plain run's)
         torch.manual_seed(cfg["seed"] + 1000 * rank)
     # per source, the examples trained on since the last evaluation (a device tensor: no sync per step)
@@ -218,7 +234,7 @@ def setup(cfg):
                      gen=Stateful(ctx.gen.get_state, ctx.gen.set_state),      # the filter's draws
                      torch_rng=Stateful(torch.get_rng_state, torch.set_rng_state),   # dropout
                      counts=InPlace(ctx.counts),              # source counts
-                     progress=Attribute(ctx, "progress"))     # examples, time, results
+                     progress=Stateful(ctx.progress.copy, partial(restore, ctx.progress)))   # examples, …
     if cuda:
         ctx.state["cuda_rng"] = Stateful(torch.cuda.get_rng_state, torch.cuda.set_rng_state)
     return ctx
@@ -232,6 +248,9 @@ def adamw(params, lr, wd, dev):
 
 def lr_at(step, cfg):
     """The learning rate of θ at a step (v, u and p follow it too)."""
+    # --finetune_lr: the authors' fine-tuning, at a constant rate (no warm-up, no decay)
+    if step >= cfg["max_steps"] and cfg["finetune_lr"] > 0:
+        return cfg["finetune_lr"]
     # reference schedule: η_t = lr · min(t / warmup, √(warmup / t)) with t = step + 1: a linear
     # warm-up to lr, then an inverse-square-root decay
     return cfg["lr"] * min((step + 1) / cfg["warmup"], math.sqrt(cfg["warmup"] / (step + 1)))
@@ -239,19 +258,17 @@ def lr_at(step, cfg):
 
 # --- the methods' own state, built by METHODS[method].setup and registered in ctx.state where it is made
 
-def setup_alpha(ctx, weighter=None):
-    """α: the weighting network w(x; α) (or the given network) and its Adam, saved in checkpoints.
-    The domain classifier uses "the same architecture as the weighting model" (section 5.1)."""
+def setup_alpha(ctx, network=None):
+    """α: the weighting network w(x; α) and its Adam, saved in checkpoints. The domain classifier uses
+    "the same architecture as the weighting model" (section 5.1); Meta-Weight-Net passes its network
+    class, LossWeighter: mlp(ℓ(x; θ); α), 100 hidden units."""
     cfg = ctx.cfg
-    ctx.weighter = weighter or Weighter(cfg["weighter_dim"], cfg["weighter_kernel"]).to(ctx.device)
+    network = network or partial(Weighter, cfg["weighter_dim"], cfg["weighter_kernel"],
+                                 init=cfg["weighter_init"])
+    ctx.weighter = network().to(ctx.device)
     ctx.meta_opt = torch.optim.Adam(ctx.weighter.parameters(), lr=cfg["meta_lr"],
                                     fused=torch.device(ctx.device).type == "cuda" or None)
     ctx.state.update(weighter=ctx.weighter, meta_opt=ctx.meta_opt)
-
-
-def setup_mwn(ctx):
-    """Meta-Weight-Net's α: mlp(ℓ(x; θ); α), 100 hidden units, and its Adam."""
-    setup_alpha(ctx, LossWeighter().to(ctx.device))
 
 
 def setup_soba(ctx):
@@ -277,35 +294,39 @@ def setup_shuffled(ctx):
 
 
 def setup_cds(ctx):
-    """CDS's Δ(x) for every generic example, None until phase (iii) computes it; saved once computed."""
-    ctx.cds = None
-    ctx.state["cds"] = Attribute(ctx, "cds")
+    """CDS's Δ(x) for every generic example (and its timings), empty until phase (iii) computes it."""
+    ctx.cds = {}
+    ctx.state["cds"] = Stateful(ctx.cds.copy, partial(restore, ctx.cds))
 
 
-# --- data parallel (torchrun --nproc_per_node=N). batch_size, big_batch_size and specific_batch_size
-# are global and must be divisible by N: each rank keeps 1/N of every batch. All ranks draw the same
-# global indices from the shared samplers and keep their slice (`shard`; without torchrun, or with
-# N = 1, nothing changes); each rank scores its |B|/N, filters b/N of them with its own generator and
-# trains on those. Gradients are averaged by an explicit all_reduce (model.all_reduce_mean) before
-# every optimiser step: θ, α, SOBA's d_v, the classifier, MWN, CDS's θ_ft, ScaleBiO's u and p.
-# DistributedDataParallel is not used: it averages neither torch.autograd.grad nor a create_graph
-# backward, which the outer updates use. So every rank holds the same θ, α and v after each step.
-# Normalisation: w(x; α) is a softmax over the rank's own shard (B_r for the filter, R_r or S_r for
-# the outer gradients), not over all of B. Its normaliser Σ_{B_r} exp s(x; α) estimates |B|/N times
-# the mean of exp s over D_generic, as a single process with a big batch of |B|/N would: the filter
-# is a stratified draw of b/N per shard, and the outer gradient is the mean of N per-shard estimates.
-# Both equal the single-process ones in expectation up to the noise of the normaliser, which
-# shrinks as |B|/N grows. Rank 0 alone evaluates, logs and writes out_dir; a checkpoint also holds
-# every rank's own random streams (RANK_LOCAL), so a run resumes exactly under the same N only.
+# --- data parallel (torchrun --nproc_per_node=N): the same experiment for any N. batch_size,
+# big_batch_size and specific_batch_size are global and must be divisible by N. Every rank draws the
+# same global batches (shared samplers) and holds rows r, r + N, r + 2N, … of each (`shard`, `mine`;
+# with N = 1 nothing changes, and R = the first b rows of B is then the first b/N rows of each rank's).
+# Each rank scores its rows of B; the |B| scores are gathered and every rank runs the same filter with
+# the same generator (ctx.gen), then trains on its rows of S. The outer updates are exact: the softmax
+# w(x; α) is normalised over the whole batch, the weighted gradients and the specific ones that enter
+# a look-ahead or a cosine are reduced over the ranks inside bilevel.py (`ranks`: bilevel.Ranks, or
+# bilevel.ONE in one process; exactness costs DDS and Anograd two θ-sized all-reduces a step), LTR's
+# normaliser and ScaleBiO's per-source counts are summed. One explicit all_reduce per optimiser step
+# (DistributedDataParallel averages neither torch.autograd.grad nor a create_graph backward): a mean
+# for a mean loss, a sum for a rank's part of a sum (α in Algorithm 1, LTR's θ, ScaleBiO's u and w).
+# tests/test_ddp_invariance.py: 2 ranks and 1 process agree to rounding for all 13 methods. Rank 0
+# alone evaluates, logs and writes; checkpoints hold every rank's dropout stream and counts
+# (RANK_LOCAL), so a run resumes exactly under the same N only.
 
 def shard(ctx, idx):
-    """This rank's slice of the indices drawn for a global batch: (n,) → (n / N,), on the device."""
-    return idx.chunk(ctx.world)[ctx.rank].to(ctx.device)
+    """This rank's rows of a batch drawn whole: (n,) → (n / N,) (rows rank, rank + N, …), on the device."""
+    return ctx.ranks.mine(idx).to(ctx.device)
 
 
-def step_alpha(ctx):
-    """α ← α − Adam(∇_α): the outer step, on α's gradient averaged over the ranks."""
-    all_reduce_mean(grads_of(ctx.weighter))
+def step_alpha(ctx, mean=False):
+    """α ← α − Adam(∇_α). torchrun: α's gradient SUMMED over the ranks, each rank's being its part of
+    Σ_x c(x) ∇_α w(x; α) with w normalised over the whole batch; averaged (mean) for a mean loss."""
+    if mean:
+        ctx.ranks.mean_(grads_of(ctx.weighter))
+    else:
+        ctx.ranks.sum_(grads_of(ctx.weighter))
     ctx.meta_opt.step()
 
 
@@ -328,6 +349,8 @@ def train_loop(ctx, start, stop):
     ms = []     # step times in ms (the progress line averages the last eval_interval)
     bar = tqdm(range(start, total), initial=start, total=total, desc=cfg["method"], dynamic_ncols=True,
                leave=False, disable=None if ctx.rank == 0 else True)
+    if cfg["max_steps"] == 0 and not cfg["resume"]:     # no pretraining (--init_from): θ as it starts
+        finish_eval(ctx, 0, "pretrain", ms, None)
     for step in bar:
         pretrain = step < cfg["max_steps"]
         t0 = time.perf_counter()
@@ -364,23 +387,26 @@ def train_loop(ctx, start, stop):
 def train_step(ctx, step):
     """One training step at `step`: the method's step while pretraining, then fine-tuning's, at lr_at(step).
     Returns the step function's Step(loss, idx)."""
+    if step == ctx.cfg["max_steps"] and ctx.cfg["finetune_lr"] > 0:
+        # the authors' fine-tuning starts a fresh AdamW: no moments, its step count at 0
+        ctx.opt.state.clear()
     for group in ctx.opt.param_groups:
         group["lr"] = lr_at(step, ctx.cfg)
     ctx.step = step
+    if step == ctx.cfg["max_steps"]:    # fine-tuning starts: the method's own statistics (ess, …) stop here
+        ctx.stats.clear()
     if step < ctx.cfg["max_steps"]:
         return METHODS[ctx.cfg["method"]].step(ctx, step)
     return step_specific(ctx, step)
 
 
 def snapshot_due(step, cfg):
-    """Whether α_step is saved: every save_weighter_every steps of pretraining (0: at every evaluation;
-    < 0: never)."""
-    every = cfg["save_weighter_every"]
+    """Whether α_step is saved: every save_weighter_every steps of pretraining (0: at every evaluation and
+    at its end; < 0: never)."""
+    every, at_eval = cfg["save_weighter_every"], step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]
     if every < 0 or step > cfg["max_steps"]:
         return False
-    if every > 0:
-        return step % every == 0
-    return step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]
+    return step % every == 0 if every > 0 else at_eval
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -397,14 +423,17 @@ def step_sparse(ctx, step, outer_on_R=None, outer_on_S=None):
     cfg, b = ctx.cfg, ctx.b
     # B_generic^big: |B| i.i.d. uniform draws from D_generic (CPU generator, indices moved)
     idx_B, x_B = big_batch(ctx)                                                # (|B|,), (|B|, T)
+    x_mine = ctx.ranks.mine(x_B)             # (|B|/N, T) torchrun: this rank's rows of B (all of B: N = 1)
     due = step % cfg["outer_every"] == 0
     if outer_on_R is not None and due:
-        # R = the first b rows of B: B is i.i.d. uniform, so they are a uniform b-subset
-        ctx.stats["outer_loss"] = outer_on_R(ctx, x_B[:b], specific_batch(ctx)).detach()     # α_{t+1}
-    # s(x; α) for all of B, then filter(B, α, b): b indices into B drawn ∝ w (Table 7's filters)
-    s_B = score(ctx.weighter, x_B)                                             # (|B|,)
-    S = filter_batch(s_B, b, cfg["filter"], ctx.gen)                           # (b,)
-    x_S = x_B[S]                                                               # (b, T)
+        # R = the first b rows of B: B is i.i.d. uniform, so they are a uniform b-subset (torchrun:
+        # this rank's rows of R are the first b/N of its rows of B)
+        ctx.stats["outer_loss"] = outer_on_R(ctx, x_mine[:b], specific_batch(ctx)).detach()  # α_{t+1}
+    # s(x; α) for all of B (each rank scores its rows), then filter(B, α, b): b indices into B drawn
+    # ∝ w (Table 7's filters) from the stream every rank shares; each rank trains on its rows of S
+    s_B = ctx.ranks.rows(score(ctx.weighter, x_mine))                          # (|B|,)
+    S = ctx.ranks.mine(filter_batch(s_B, cfg["batch_size"], cfg["filter"], ctx.gen))   # (b/N,)
+    x_S = x_B[S]                                                               # (b/N, T)
     if outer_on_S is not None and due:
         # θ_{t+1} along the gradient of the UNIFORM mean loss of S that the outer update computed
         loss, grads = outer_on_S(ctx, x_S, specific_batch(ctx), step)
@@ -424,7 +453,7 @@ def outer_dds(ctx, x_R, x_specific):
     """DDS (Eq. 3): α ← α − Adam(∇_α L_specific(θ − ρ ∇_θ Σ_R w ℓ)). Returns the outer loss."""
     ctx.meta_opt.zero_grad(set_to_none=True)
     with ctx.autocast():
-        out = bilevel.dds_step(ctx.model, ctx.weighter, x_R, x_specific, ctx.cfg["rho"])
+        out = bilevel.dds_step(ctx.model, ctx.weighter, x_R, x_specific, ctx.cfg["rho"], ranks=ctx.ranks)
     step_alpha(ctx)
     return out
 
@@ -433,7 +462,7 @@ def outer_anograd(ctx, x_R, x_specific):
     """Anograd (4.3.3): α ← α − Adam(∇_α −cos(∇L_specific, ∇ Σ_R w ℓ)). Returns the outer loss."""
     ctx.meta_opt.zero_grad(set_to_none=True)
     with ctx.autocast():
-        out = bilevel.anograd_step(ctx.model, ctx.weighter, x_R, x_specific)
+        out = bilevel.anograd_step(ctx.model, ctx.weighter, x_R, x_specific, ctx.ranks)
     step_alpha(ctx)
     return out
 
@@ -444,9 +473,14 @@ def outer_soba(ctx, x_S, x_specific, step):
     ctx.meta_opt.zero_grad(set_to_none=True)
     with ctx.autocast():
         d_v, grads, losses = bilevel.soba_step(ctx.model, ctx.weighter, x_S, x_specific, ctx.v,
-                                               ctx.cfg["soba_chunks"])
-    step_alpha(ctx)
+                                               ctx.cfg["soba_chunks"], ctx.ranks)
+    # v_{t+1} from d_v (the order of v's and α's steps does not change them: each has its own gradient)
     soba_v_update(ctx, d_v, step)
+    if ctx.cfg["soba_dalpha_v"] == "t+1":
+        # the reference code's order: d_α from v_{t+1} (replacing soba_step's, from v_t): one more pass on S
+        with ctx.autocast():
+            bilevel.soba_alpha_grad(ctx.model, ctx.weighter, x_S, ctx.v, ctx.ranks)
+    step_alpha(ctx)
     return losses.mean().detach(), grads
 
 
@@ -470,17 +504,22 @@ def main_update(ctx, x):
     return loss.detach()
 
 
-def update_theta(ctx, loss, model=None, opt=None):
-    """θ ← θ − AdamW(∇_θ loss): one step of θ (or of model, CDS's copy θ_ft, with its optimiser)."""
+def update_theta(ctx, loss, model=None, opt=None, mean=True):
+    """θ ← θ − AdamW(∇_θ loss): one step of θ (or of model, CDS's copy θ_ft, with its optimiser).
+    torchrun: loss is a mean over this rank's rows (mean=True) or its part of a sum (False)."""
     model, opt = model or ctx.model, opt or ctx.opt
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    step_along_grads(ctx, model, opt)
+    step_along_grads(ctx, model, opt, mean)
 
 
-def step_along_grads(ctx, model, opt):
-    """One AdamW step of model along the gradients in its .grad (averaged over the ranks)."""
-    all_reduce_mean(grads_of(model))     # torchrun: ∇_θ of the global batch's mean loss (all ranks)
+def step_along_grads(ctx, model, opt, mean=True):
+    """One AdamW step of model along the gradients in its .grad (averaged, or summed, over the ranks)."""
+    # torchrun: ∇_θ of the whole batch's loss on every rank
+    if mean:
+        ctx.ranks.mean_(grads_of(model))
+    else:
+        ctx.ranks.sum_(grads_of(model))
     # ‖∇_θ‖ (clipped to grad_clip when set), checked before the step so θ never takes a NaN update:
     # the step's one host synchronisation
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), ctx.cfg["grad_clip"] or float("inf"))
@@ -495,7 +534,7 @@ def step_along_grads(ctx, model, opt):
 def soba_v_update(ctx, d_v, step):
     """SOBA's linear-system variable v (section 4.3.2)."""
     eta = ctx.cfg["soba_v_lr"] or lr_at(step, ctx.cfg)
-    all_reduce_mean(list(d_v.values()))          # torchrun: d_v averaged over the ranks
+    ctx.ranks.mean_(list(d_v.values()))          # torchrun: d_v averaged over the ranks
     if ctx.cfg["soba_v_optim"] == "sgd":
         # paper: v ← v − η d_v
         with torch.no_grad():
@@ -521,8 +560,9 @@ def specific_batch(ctx):
 
 
 def big_batch(ctx):
-    """B_generic^big: |B| uniform draws from generic train → (indices (|B|,), x (|B|, T))."""
-    idx_B = shard(ctx, ctx.generic_sampler.sample(ctx.cfg["big_batch_size"]))
+    """B_generic^big: |B| uniform draws from generic train → (indices (|B|,), x (|B|, T)), the whole
+    batch on every torchrun rank (each scores and trains on its own rows of it)."""
+    idx_B = ctx.generic_sampler.sample(ctx.cfg["big_batch_size"]).to(ctx.device)
     return idx_B, ctx.x_train[idx_B]
 
 
@@ -586,8 +626,9 @@ def step_scalebio(ctx, step):
     with ctx.autocast():
         # min_{p,w} max_u L1(w) + α·[L2(w, λ) − L2(u, λ)]: the three gradients at the old (u, w, p)
         out = bilevel.scalebio_step(ctx.model, ctx.u, ctx.p, ctx.x_train[idx], ctx.source_train[idx],
-                                    specific_batch(ctx), cfg["scalebio_alpha"])
-    all_reduce_mean(grads_of(ctx.model, ctx.u) + [ctx.p.grad])     # torchrun: averaged over ranks
+                                    specific_batch(ctx), cfg["scalebio_alpha"], ctx.ranks)
+    # torchrun: the ranks' gradients of w and u are parts of the batch's (summed); p's is the batch's
+    ctx.ranks.sum_(grads_of(ctx.model, ctx.u))
     if cfg["grad_clip"] > 0:
         for model in (ctx.model, ctx.u):
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
@@ -618,19 +659,19 @@ def step_cds(ctx, step):
     each uniform B, as the reference code does: the same selected fraction b/|B|, drawn online."""
     if step < cds_pretrain(ctx.cfg):
         return step_baseline(ctx, step)
-    if ctx.cds is None:     # phases (ii) and (iii), timed: scoring is 2N forward passes of θ
+    if not ctx.cds:     # phases (ii) and (iii), timed: scoring is 2N forward passes of θ
         t0 = time.perf_counter()
         tuned = cds_finetuned_copy(ctx, step)
         t1 = time.perf_counter()
         with ctx.autocast():
             delta = bilevel.cds_delta(ctx.model, tuned, ctx.x_train, ctx.cfg["eval_batch_size"], ctx.device)
         t2 = time.perf_counter()
-        ctx.cds = {"delta": delta, "cds_finetune_s": t1 - t0, "cds_score_s": t2 - t1,   # Δ: (N,)
-                   "cds_examples_per_s": 2 * len(delta) / (t2 - t1)}
+        ctx.cds.update(delta=delta, cds_finetune_s=t1 - t0, cds_score_s=t2 - t1,   # Δ: (N,)
+                       cds_examples_per_s=2 * len(delta) / (t2 - t1))
     ctx.stats.update({k: v for k, v in ctx.cds.items() if k != "delta"})
     idx_B, x_B = big_batch(ctx)                                                # (|B|,), (|B|, T)
-    # S = the top-b of −Δ(x) over B: the examples fine-tuning improved most
-    S = torch.topk(-ctx.cds["delta"].to(ctx.device)[idx_B], ctx.b).indices                 # (b,)
+    # S = the top-b of −Δ(x) over B: the examples fine-tuning improved most (this rank's rows of S)
+    S = ctx.ranks.mine(torch.topk(-ctx.cds["delta"].to(ctx.device)[idx_B], ctx.cfg["batch_size"]).indices)
     return Step(main_update(ctx, x_B[S]), idx_B[S])
 
 
@@ -659,10 +700,11 @@ def step_classifier(ctx, step):
         ctx.meta_opt.zero_grad(set_to_none=True)
         # binary cross-entropy −[y log σ(s(x)) + (1 − y) log(1 − σ(s(x)))], y = 1 specific, 0 generic
         ctx.stats["classifier_bce"] = bilevel.classifier_step(ctx.weighter, x_g, specific_batch(ctx)).detach()
-        step_alpha(ctx)
+        step_alpha(ctx, mean=True)                  # the BCE is a mean: torchrun averages the ranks'
     idx_B, x_B = big_batch(ctx)                                                # (|B|,), (|B|, T)
-    # S = the b examples of B the classifier finds most specific-like (deterministic)
-    S = filter_batch(score(ctx.weighter, x_B), ctx.b, "top")                   # (b,) top-b logits
+    # S = the b examples of B the classifier finds most specific-like (deterministic; this rank's rows)
+    s_B = ctx.ranks.rows(score(ctx.weighter, ctx.ranks.mine(x_B)))             # (|B|,) logits
+    S = ctx.ranks.mine(filter_batch(s_B, cfg["batch_size"], "top"))            # (b/N,) of the top b
     return Step(main_update(ctx, x_B[S]), idx_B[S])
 
 
@@ -675,12 +717,12 @@ def step_ltr(ctx, step):
     idx = shard(ctx, ctx.generic_sampler.sample(ctx.cfg["batch_size"]))    # (b,) uniform draws
     x = ctx.x_train[idx]                                                       # (b, T)
     # w_i ∝ max(−∂L_specific(θ − η Σ_j ε_j ∇ℓ_j)/∂ε_i, 0) at ε = 0, normalised to Σ w = 1
-    w, _ = bilevel.ltr_weights(ctx.model, x, specific_batch(ctx), lr_at(step, ctx.cfg))   # (b,)
+    w, _ = bilevel.ltr_weights(ctx.model, x, specific_batch(ctx), lr_at(step, ctx.cfg), ctx.ranks)  # (b,)
     with ctx.autocast():
         loss = (w.detach() * ctx.model(x).float()).sum()                      # Σ_i w_i ℓ(x_i; θ)
-    update_theta(ctx, loss)
-    ctx.counts.index_add_(0, ctx.source_train[idx], (len(w) * w).detach().double())
-    weight_stats(ctx, w)
+    update_theta(ctx, loss, mean=False)       # torchrun: each rank's loss is its part of the sum
+    ctx.counts.index_add_(0, ctx.source_train[idx], (ctx.cfg["batch_size"] * w).detach().double())
+    weight_stats(ctx, ctx.ranks.rows(w))
     return Step(loss.detach())
 
 
@@ -690,16 +732,18 @@ def step_mwn(ctx, step):
     costs a fraction of it), the DDS outer step on R = the first b rows of B, then the filter."""
     cfg, b = ctx.cfg, ctx.b
     idx_B, x_B = big_batch(ctx)                                                # (|B|,), (|B|, T)
+    x_mine = ctx.ranks.mine(x_B)                                  # (|B|/N, T) torchrun: this rank's rows
     with ctx.autocast():   # in chunks of b rows: the logits take no more memory than the main step's
-        losses_B = bilevel.losses_of(ctx.model, x_B, b, ctx.device)                # (|B|,)
+        losses_mine = bilevel.losses_of(ctx.model, x_mine, b, ctx.device)          # (|B|/N,)
     if step % cfg["outer_every"] == 0:
         ctx.meta_opt.zero_grad(set_to_none=True)
-        L = bilevel.mwn_step(ctx.model, ctx.weighter, x_B[:b], losses_B[:b], specific_batch(ctx), cfg["rho"])
+        L = bilevel.mwn_step(ctx.model, ctx.weighter, x_mine[:b], losses_mine[:b], specific_batch(ctx),
+                             cfg["rho"], ctx.ranks)
         step_alpha(ctx)
         ctx.stats["outer_loss"] = L.detach()
     with torch.no_grad():
-        s_B = ctx.weighter(losses_B).float()                                   # (|B|,) scores
-    S = filter_batch(s_B, b, cfg["filter"], ctx.gen)                           # (b,)
+        s_B = ctx.ranks.rows(ctx.weighter(losses_mine).float())                # (|B|,) scores
+    S = ctx.ranks.mine(filter_batch(s_B, cfg["batch_size"], cfg["filter"], ctx.gen))   # (b/N,)
     loss = main_update(ctx, x_B[S])
     weight_stats(ctx, torch.softmax(s_B, 0))                               # w(x; α) = softmax_B s(x; α)
     return Step(loss, idx_B[S])
@@ -736,7 +780,7 @@ METHODS = {
     "cds": Method(step_cds, setup_cds, True),                          # contrastive data selection (2)
     "classifier": Method(step_classifier, setup_alpha, True),          # domain classifier, top-b of B (5.1)
     "ltr": Method(step_ltr),                                            # learning to reweight (5.1)
-    "mwn": Method(step_mwn, setup_mwn, True),                           # Meta-Weight-Net (5.1)
+    "mwn": Method(step_mwn, partial(setup_alpha, network=LossWeighter), True),   # Meta-Weight-Net (5.1)
 }
 
 
@@ -761,7 +805,13 @@ def eval_all(ctx):
 
 def finish_eval(ctx, done, phase, ms, train_loss):
     """Evaluate and log (torchrun: on rank 0), then write a checkpoint."""
-    all_reduce_mean([ctx.counts], mean=False)      # torchrun: the sources θ trained on, summed over ranks
+    ctx.ranks.sum_([ctx.counts])      # torchrun: the sources θ trained on, summed over ranks
+    # torchrun: the logged statistics averaged over the ranks, so that they are the whole batch's (the
+    # ranks' own losses are means over equal shares; what every rank holds alike stays as it is)
+    stats = [t for t in ctx.stats.values() if torch.is_tensor(t)]
+    if train_loss is not None:                    # None: an evaluation before any step (--init_from)
+        stats.append(train_loss)
+    ctx.ranks.mean_(stats)
     if ctx.rank == 0:
         log_eval(ctx, done, phase, ms, train_loss)
     ctx.counts.zero_()
@@ -772,7 +822,8 @@ def log_eval(ctx, done, phase, ms, train_loss):
     """Evaluate, append a record to log.jsonl, print the progress line, keep the results."""
     rec = {"step": done, "phase": phase, "elapsed_s": round(ctx.progress["train_time"], 2),
            "examples_seen": ctx.progress["seen"], **eval_all(ctx), "lr": lr_at(done, ctx.cfg),
-           "train_loss": float(train_loss), **{k: float(v) for k, v in ctx.stats.items()}}
+           "train_loss": None if train_loss is None else float(train_loss),   # None: before any step
+           **{k: float(v) for k, v in ctx.stats.items()}}
     for k, v in rec.items():    # losses and statistics were kept as tensors: checked here
         if isinstance(v, float) and not math.isfinite(v):
             raise TrainingError(f"step {done}: {k} is {v} (the last good checkpoint is kept)")
@@ -812,7 +863,8 @@ def source_share(ctx):
 def progress_line(rec, ms, ctx):
     """The one fixed-format line printed at each evaluation (and the target's share, if known)."""
     gv, target, share = rec["generic_valid_loss"], ctx.info.get("target_source"), rec.get("source_share")
-    return (f"step {rec['step']:6d} | {rec['phase']:8s} | train {rec['train_loss']:.3f} | specific valid "
+    train_loss = "—" if rec["train_loss"] is None else f"{rec['train_loss']:.3f}"   # None: before any step
+    return (f"step {rec['step']:6d} | {rec['phase']:8s} | train {train_loss} | specific valid "
             f"{rec['specific_valid_loss']:.3f} test {rec['specific_test_loss']:.3f} | generic valid "
             f"{'—' if gv is None else f'{gv:.3f}'} | {ms:6.1f} ms/step" + (
                 f" | {target} share {share[target]['share']:.2f} (base {share[target]['base']:.2f})"
@@ -829,7 +881,7 @@ def write_summary(ctx):
     if cfg["finetune_steps"] > 0 and best is not None:
         summary.update({f"{k}_finetuned": best[k] for k in ("specific_test_loss", "specific_valid_loss")},
                        finetune_best_step=best["step"])
-    summary.update(ms_per_step=ctx.progress.get("pretrain_ms", 0.0) / cfg["max_steps"],
+    summary.update(ms_per_step=ctx.progress.get("pretrain_ms", 0.0) / max(1, cfg["max_steps"]),
                    peak_mem_mb=peak_mem_mb(ctx.device), train_time_s=ctx.progress["train_time"])
     summary.update({k: pre[k] for k in ("ess", "max_weight", "cds_score_s", "cds_examples_per_s",
                                         "cds_finetune_s", "source_share", "lambda") if k in pre})
@@ -881,29 +933,23 @@ class InPlace:
         self.tensors = tensors
 
     def state_dict(self):
-        if isinstance(self.tensors, dict):
-            return {k: t.detach() for k, t in self.tensors.items()}
-        return self.tensors.detach()
+        return self.tensors
 
+    @torch.no_grad()
     def load_state_dict(self, state):
-        with torch.no_grad():
-            if isinstance(self.tensors, dict):
-                for k, t in self.tensors.items():
-                    t.copy_(state[k])
-            else:
-                self.tensors.copy_(state)
+        for t, saved in zip(tensors_in(self.tensors), tensors_in(state)):
+            t.copy_(saved)
 
 
-class Attribute:
-    """An attribute of ctx restored by assignment (the run's progress, CDS's Δ once computed)."""
-    def __init__(self, ctx, name):
-        self.ctx, self.name = ctx, name
+def tensors_in(x):
+    """The tensors of a dict of tensors (in its order), or [x] for one tensor."""
+    return list(x.values()) if isinstance(x, dict) else [x]
 
-    def state_dict(self):
-        return getattr(self.ctx, self.name)
 
-    def load_state_dict(self, state):
-        setattr(self.ctx, self.name, state)
+def restore(d, saved):
+    """A dict restored in place (ctx.progress, ctx.cds): its saved items, and only those."""
+    d.clear()
+    d.update(saved)
 
 
 class Samplers:
@@ -1003,18 +1049,6 @@ def init_ranks(device):
     return rank, world, dev
 
 
-def all_reduce_mean(tensors, mean=True):
-    """Average (or sum) tensors over the ranks, in place, in one collective: afterwards every rank
-    holds the same values."""
-    if dist.is_initialized() and tensors:
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat)                                   # Σ over ranks (gloo has no mean)
-        if mean:
-            flat /= dist.get_world_size()
-        for t, f in zip(tensors, flat.split([t.numel() for t in tensors])):
-            t.copy_(f.view_as(t))
-
-
 def grads_of(*modules):
     """The .grad of every parameter of the modules that has one."""
     return [p.grad for m in modules for p in m.parameters() if p.grad is not None]
@@ -1074,7 +1108,18 @@ def truncate_log(path, step):
 
 def prepare_out_dir(cfg):
     """A fresh run refuses an out_dir holding another run, unless --overwrite (which removes only the
-    files train.py writes); --resume keeps everything and cuts log.jsonl back to the checkpoint."""
+    files train.py writes); --resume keeps everything and cuts log.jsonl back to the checkpoint. Checked
+    before any data is read: out_dir is, or can be made, a directory this process can write in."""
+    # the nearest folder on the path that exists: out_dir itself, or the one os.makedirs will make it in
+    near = os.path.abspath(cfg["out_dir"])
+    while not os.path.exists(near):
+        near = os.path.dirname(near)
+    if not os.path.isdir(near):
+        raise ConfigError(f"--out_dir: {near} is a file")
+    try:     # a probe file, gone at once (os.access says yes to root, even on a read-only file system)
+        tempfile.TemporaryFile(dir=near).close()
+    except OSError as e:
+        raise ConfigError(f"--out_dir: cannot write in {near} ({e.strerror})") from None
     found = run_files(cfg["out_dir"])
     if found and not cfg["resume"] and not cfg["overwrite"]:
         raise ConfigError(f"--out_dir: {cfg['out_dir']} holds another run ({', '.join(found)}): continue it "
@@ -1093,7 +1138,7 @@ class ConfigError(data.DataError):
 # finetune_steps, and max_steps while the run is still pretraining)
 RESUMABLE = {"resume", "overwrite", "device", "out_dir", "soba_chunks", "eval_batch_size", "compile",
              "data_cache", "data_workers"}
-RANK_LOCAL = ("gen", "torch_rng", "cuda_rng", "counts")      # differ between torchrun's ranks
+RANK_LOCAL = ("torch_rng", "cuda_rng", "counts")      # differ between torchrun's ranks
 
 
 def help_text():
@@ -1104,7 +1149,9 @@ def help_text():
     for line in block:
         m = re.match(r"(\w+) = (.+?)(?:\s+# (.*))?$", line)
         if m:
-            lines.append(f"  --{m[1]:<22} default {m[2]:<22} {m[3] or ''}".rstrip())
+            # the range check() holds the setting to (RULES), if any
+            rule = "".join(f"; in {r}" for r, keys in RULES.items() if m[1] in keys.split())
+            lines.append(f"  --{m[1]:<22} default {m[2]:<22} {m[3] or ''}{rule}".rstrip())
         elif line.startswith("# --- "):
             lines += ["", line[6:]]
     presets = (f"{n} ({p['n_layer']} layers, d={p['n_embd']}, {p['max_steps']} steps)"
@@ -1145,6 +1192,8 @@ def parse_args(argv, defaults):
     cfg = dict(defaults)
     if overrides.get("resume"):
         cfg = resume_config(overrides, defaults)
+    elif overrides.get("init_from"):
+        cfg = init_config(overrides, defaults)
     else:
         name = overrides.get("preset", cfg["preset"])
         if name and name not in PRESETS:
@@ -1173,13 +1222,34 @@ def resume_config(overrides, defaults):
     if cfg.get("world_size", 1) != ranks()[1]:     # torchrun's N (absent: 1)
         raise ConfigError(f"--resume: the run in {os.path.dirname(path)} ran in {cfg.get('world_size', 1)} "
                           f"process(es), not {ranks()[1]}: resume it with the same torchrun --nproc_per_node")
+    cfg["compile"] = False      # --compile holds for the invocation that gives it: a resume never inherits it
+    # the step counts that may grow: `shuffled` cuts its segments from max_steps, so not max_steps
+    growable = ("finetune_steps",) if cfg["method"] == "shuffled" else ("finetune_steps", "max_steps")
     for k, v in overrides.items():
-        grows = k == "finetune_steps" or (k == "max_steps" and cfg["method"] != "shuffled")
-        if v != cfg[k] and k not in RESUMABLE and not (grows and v > cfg[k]):
-            raise ConfigError(f"--{k}: the run in {os.path.dirname(path)} has {k}={cfg[k]!r}; a resumed run "
-                              f"may change only {', '.join(sorted(RESUMABLE))} and grow the step counts")
+        if v != cfg[k] and k not in RESUMABLE and not (k in growable and v > cfg[k]):
+            raise ConfigError(f"--{k}: the run in {os.path.dirname(path)} has {k}={cfg[k]!r}; a resumed "
+                              f"run may change only {', '.join(sorted(RESUMABLE))} and grow "
+                              f"{' and '.join(growable)}")
         cfg[k] = v
     return cfg
+
+
+def init_config(overrides, defaults):
+    """--init_from=RUN: a new run with RUN's settings (those its checkpoint saved), then the overrides. It
+    writes to its own --out_dir, and only fine-tunes (max_steps 0) unless --max_steps says otherwise. θ is
+    loaded from RUN (in run()), so the model's settings must stay RUN's."""
+    saved = read_init(overrides["init_from"])["config"]
+    cfg = {**defaults, **{k: v for k, v in saved.items() if k in defaults}}
+    cfg.update({"out_dir": defaults["out_dir"], "overwrite": False, "max_steps": 0, **overrides})
+    for k in ("n_layer", "n_head", "n_embd", "n_hidden", "seq_len"):
+        if cfg[k] != saved[k]:
+            raise ConfigError(f"--{k}: θ comes from --init_from's run, whose {k} is {saved[k]!r}")
+    return cfg
+
+
+def read_init(path):
+    """--init_from's checkpoint: RUN/ckpt.pt for a run dir, else the file itself."""
+    return read_checkpoint(os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path, "--init_from")
 
 
 def check(cfg):
@@ -1188,30 +1258,51 @@ def check(cfg):
     def need(ok, key, what):
         if not ok:
             raise ConfigError(f"--{key}: {what}, got {cfg[key]!r}")
-    for k in ("batch_size", "big_batch_size", "specific_batch_size", "seq_len", "n_layer", "n_head", "n_embd",
-              "n_hidden", "eval_interval", "eval_batch_size", "weighter_dim", "outer_every", "soba_chunks",
-              "max_steps", "cds_finetune_steps", "lisa_interval", "scalebio_alpha"):
-        need(cfg[k] > 0, k, "must be positive")
-    for k in ("finetune_steps", "eval_examples", "specific_train_docs", "cds_pretrain_steps", "data_workers"):
-        need(cfg[k] >= 0, k, "must be non-negative")
+    for rule, keys in RULES.items():
+        for k in keys.split():
+            need(in_range(cfg[k], rule), k, f"must be in {rule}")
+    need(cfg["max_steps"] + cfg["finetune_steps"] > 0, "max_steps", "nothing to train: must be positive, or "
+         "--finetune_steps must be (a run that only fine-tunes, e.g. from --init_from)")
+    # --init_from fine-tunes at a constant rate (the authors: 2e-3 for the baseline, 2e-4 for SOBA and mixing)
+    need(cfg["finetune_lr"] > 0 or not cfg["init_from"], "finetune_lr", "must be positive with --init_from")
     for k, choices in (("method", METHODS), ("filter", ("importance", "without_replacement", "top")),
-                       ("soba_v_optim", ("adam", "sgd")), ("doc_mode", ("chunk", "first"))):
+                       ("soba_v_optim", ("adam", "sgd")), ("doc_mode", ("chunk", "first")),
+                       ("weighter_init", ("default", "reference")), ("soba_dalpha_v", ("t", "t+1"))):
         need(cfg[k] in choices, k, f"expected one of {', '.join(choices)}")
     need(not METHODS[cfg["method"]].selects or cfg["batch_size"] <= cfg["big_batch_size"], "batch_size",
          f"must be at most --big_batch_size={cfg['big_batch_size']}")
     for k in ("batch_size", "big_batch_size", "specific_batch_size"):     # global sizes: 1/N per rank
         need(cfg[k] % ranks()[1] == 0, k, f"must be divisible by the {ranks()[1]} processes of torchrun")
-    need(cfg["n_embd"] % cfg["n_head"] == 0, "n_embd", f"must be a multiple of --n_head={cfg['n_head']}")
+    need(cfg["out_dir"], "out_dir", "must name a directory")
+    # attention splits d into n_head heads; the sinusoidal positions fill d in (sin, cos) pairs: d even
+    need(cfg["n_embd"] % cfg["n_head"] == 0 and cfg["n_embd"] % 2 == 0, "n_embd",
+         f"must be even and a multiple of --n_head={cfg['n_head']}")
+    # memory sanity, in FP32 bytes: one layer's attention matrix for a batch, and α's activations over B;
+    # over 64 GiB is a typo (--seq_len=100000), not an experiment
+    rows = max(cfg["batch_size"], cfg["eval_batch_size"], cfg["specific_batch_size"])
+    for key, n in (("seq_len", rows * cfg["n_head"] * cfg["seq_len"] ** 2),
+                   ("big_batch_size", cfg["big_batch_size"] * cfg["seq_len"] * cfg["weighter_dim"])):
+        need(4 * n <= 2**36, key, f"a batch would need {4 * n / 2**30:,.0f} GiB of memory (at most 64)")
     need(not cfg["lisa"] or 0 < cfg["lisa_layers"] <= cfg["n_layer"], "lisa_layers",
          f"must be in 1..n_layer={cfg['n_layer']}")
     need(not cfg["lisa"] or cfg["method"] == "scalebio", "lisa", "only --method=scalebio uses LISA")
     need(cfg["noise_sources"] != 1 and cfg["noise_sources"] >= 0, "noise_sources", "must be 0 (off) or >= 2")
     need(cfg["method"] != "cds" or cds_pretrain(cfg) < cfg["max_steps"], "cds_pretrain_steps",
          f"must leave a selection step within --max_steps={cfg['max_steps']}")
-    resolve_device(cfg["device"])          # an unknown or unavailable device: one line, before any output
+    # an unknown or unavailable device: one line, before any output; torch.compile only on CUDA
+    dev = resolve_device(cfg["device"])
+    need(dev.startswith("cuda") or not cfg["compile"], "compile", f"runs on CUDA only (the device is {dev})")
     need(cfg["method"] != "frozen" or cfg["weighter_ckpt"], "weighter_ckpt", "--method=frozen needs a run")
     need(cfg["method"] != "shuffled" or cfg["weighter_trajectory"], "weighter_trajectory",
          "--method=shuffled needs a run dir that saved weighters/")
+
+
+def in_range(value, rule):
+    """Whether value lies in an interval of RULES, "(0, inf)", "[0, 1)", …: a square bracket includes its end
+    (NaN lies in none)."""
+    low, high = (float(t) for t in rule[1:-1].split(","))
+    above = low <= value if rule[0] == "[" else low < value
+    return above and (value <= high if rule[-1] == "]" else value < high)
 
 
 def run(cfg, defaults):
@@ -1220,18 +1311,24 @@ def run(cfg, defaults):
     exit status. torchrun: rank 0 alone checks and writes out_dir."""
     rank0 = ranks()[0] == 0
     found = prepare_out_dir(cfg) if rank0 else []    # checked first: a refusal costs no data loading
-    changed = {k: v for k, v in cfg.items() if v != defaults.get(k) and k != "world_size"}
+    changed = {k: v for k, v in cfg.items() if v != defaults.get(k) and k not in ("world_size", "inputs")}
     print("settings: " + (" ".join(f"--{k}={v}" for k, v in changed.items()) or "the defaults"))
     if ranks()[1] > 1:
         cfg["world_size"] = ranks()[1]     # saved in config.json: a resume needs the same N
     ctx = setup(cfg)
+    # what the run reads (files, sizes, times, example counts), in config.json: a resume must find the same
+    cfg["inputs"] = data.fingerprint(cfg, ctx.generic, ctx.specifics)
     start = load_checkpoint(ctx) if cfg["resume"] else 0
+    if cfg["init_from"] and not cfg["resume"]:      # θ from another run (α, v, optimisers: fresh)
+        ctx.model.load_state_dict(read_init(cfg["init_from"])["model"])
     if rank0:
         os.makedirs(cfg["out_dir"], exist_ok=True)
         if cfg["resume"]:
             truncate_log(os.path.join(cfg["out_dir"], "log.jsonl"), start)
         remove_run_files(cfg["out_dir"], [] if cfg["resume"] else found)    # --overwrite
-        write_json(os.path.join(cfg["out_dir"], "config.json"), cfg)
+        # --compile belongs to the invocation that gives it: a resume's is not saved (nor inherited)
+        saved = {**cfg, "compile": cfg["compile"] and not cfg["resume"]}
+        write_json(os.path.join(cfg["out_dir"], "config.json"), saved)
     n_params = sum(p.numel() for p in ctx.model.parameters())
     print(f"{cfg['method']} | θ: {n_params / 1e6:.2f}M params | {ctx.device} | generic "
           f"{len(ctx.generic.train)} train examples, {len(ctx.generic.sources)} sources | specific "
@@ -1256,15 +1353,24 @@ def main(argv):
     defaults = {k: globals()[k] for k in config_keys}
     if ranks()[0] > 0:                   # torchrun: rank 0 prints for all
         sys.stdout = open(os.devnull, "w")
+    # SIGTERM before training starts (while the corpus is read) stops as Ctrl-C does; run() handles both after
+    sigterm = signal.signal(signal.SIGTERM, stopped_early)
     try:
         return run(parse_args(argv, defaults), defaults)
     except (data.DataError, TrainingError) as e:
         if ranks()[0] == 0:      # torchrun: every rank meets the same error, rank 0 prints it
             print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:     # Ctrl-C before training started (e.g. while reading the corpus)
+    except KeyboardInterrupt as e:     # Ctrl-C or SIGTERM before training started (e.g. reading the corpus)
         print("interrupted before training started; nothing was written", file=sys.stderr)
-        return 130
+        return 128 + (e.args[0] if e.args else signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+
+
+def stopped_early(signum, frame):
+    """The SIGTERM handler until training starts: the KeyboardInterrupt of Ctrl-C, carrying the signal."""
+    raise KeyboardInterrupt(signum)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,12 @@ keeps the scoring of a big batch cheap on a CPU.
 The filter (section 4.2, Algorithm 1, Table 7) turns w over the big batch B_generic^big into the
 small batch the main model trains on:
   - `importance`:          b draws with replacement from w (unbiased for Σ w ℓ);
-  - `without_replacement`: b draws without replacement from w, by the Gumbel top-k trick
+  - `without_replacement`: b distinct rows of B drawn ∝ w, by the Gumbel top-k trick
                            (top_k(log w + Gumbel noise)); the paper's default;
   - `top`:                 the b highest weights, deterministic.
 """
 
+import math
 import os
 import re
 
@@ -33,7 +34,7 @@ from data import DataError, atomic_write, read_checkpoint
 class Weighter(nn.Module):
     """s(x; α): one real score per byte sequence. Also the domain classifier's network (logit head)."""
 
-    def __init__(self, dim=128, kernel=7, n_conv=1):
+    def __init__(self, dim=128, kernel=7, n_conv=1, init="default"):
         super().__init__()
         self.kernel = kernel
         self.embed = nn.Embedding(256, dim)
@@ -41,6 +42,24 @@ class Weighter(nn.Module):
         self.head = nn.Linear(dim, 1)
         # Anograd's head, w = softplus(a)·softmax(s) (reference code); unused by the other methods
         self.a = nn.Parameter(torch.zeros(()))
+        # "default": PyTorch's initialisation; "reference": the authors' code's (drawn after PyTorch's)
+        if init == "reference":
+            self.reference_init()
+
+    @torch.no_grad()
+    def reference_init(self):
+        """The authors' code's initialisation (Flax): the embedding N(0, 1), as PyTorch's already is;
+        each convolution Xavier-uniform, the head LeCun-normal, every bias zero. (PyTorch's default:
+        U(±1/√fan_in) for the weights and the biases of the convolutions and the head.)"""
+        for conv in self.convs:
+            # Xavier: U(±√(6 / (fan_in + fan_out))), fan_in = kernel·in, fan_out = kernel·out channels
+            nn.init.xavier_uniform_(conv.weight)
+            nn.init.zeros_(conv.bias)
+        # LeCun normal as Flax draws it: N(0, σ²) truncated at ±2σ, σ = √(1/fan_in) / 0.8796 (0.8796: the
+        # std of a unit normal truncated at ±2), so that the weights' std is √(1/fan_in)
+        sigma = math.sqrt(1.0 / self.head.in_features) / 0.87962566103423978
+        nn.init.trunc_normal_(self.head.weight, std=sigma, a=-2 * sigma, b=2 * sigma)
+        nn.init.zeros_(self.head.bias)
 
     def forward(self, x):
         """x: (B, T) uint8 → s(x; α): (B,) one score per sequence."""
@@ -109,8 +128,9 @@ class LossWeighter(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
     def forward(self, losses):
-        """losses: (B,) per-example losses ℓ(x; θ), treated as data (detached) → scores (B,)."""
-        return self.mlp(losses.detach()[:, None]).squeeze(-1)
+        """losses: (B,) per-example losses ℓ(x; θ), treated as data (detached), read in the MLP's own
+        precision → scores (B,)."""
+        return self.mlp(losses.detach()[:, None].to(self.mlp[0].weight.dtype)).squeeze(-1)
 
     def weights(self, losses):
         return torch.softmax(self(losses), dim=0)
@@ -149,7 +169,8 @@ def filter_batch(s, b, how, generator=None):
         return torch.multinomial(w, b, replacement=True, generator=generator).to(s.device)
     if how == "without_replacement":
         # Gumbel top-k: top_k(log w + G), G = −log(−log U), U ~ Uniform(0, 1), is a draw of b
-        # distinct examples, each next one ∝ w among those not yet drawn. U and G: float32, CPU
+        # distinct rows of B, each next one ∝ w among those not yet drawn (B itself is drawn with
+        # replacement, so two rows may hold the same example). U and G: float32, CPU
         u = torch.rand(s.shape, generator=generator).clamp_(1e-20, 1.0)       # (|B|,) U
         # −G = log(−log U), computed on the CPU, then moved to s.device
         minus_g = torch.log(-torch.log(u)).to(s.device)                         # (|B|,)

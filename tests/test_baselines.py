@@ -88,7 +88,7 @@ def test_cds_delta_is_the_loss_change_from_fine_tuning(tmp_path):
     assert delta.shape == (len(ctx.generic.train),)
     assert not delta.requires_grad        # scoring the pool keeps no autograd graph of its N rows
     # replay phase (ii) from the checkpoint (same θ, same specific batches) and compute Δ by hand
-    assert train.load_checkpoint(ctx) == 3 and ctx.cds is None
+    assert train.load_checkpoint(ctx) == 3 and not ctx.cds
     theta, moments = copy.deepcopy(ctx.model.state_dict()), copy.deepcopy(ctx.opt.state_dict()["state"])
     tuned = train.cds_finetuned_copy(ctx, 3)
     # θ and its AdamW moments are untouched: phase (iv) resumes the pretrained model

@@ -334,8 +334,11 @@ class FreeLogits(nn.Module):
         super().__init__()
         self.alpha = nn.Parameter(torch.zeros(n, dtype=torch.float64) if alpha is None else alpha.clone())
 
+    def forward(self, batch):
+        return self.alpha[batch[:, -1].long()]                              # (b,) scores: a free logit each
+
     def weights(self, batch):
-        return torch.softmax(self.alpha[batch[:, -1].long()], 0)            # (b,)
+        return torch.softmax(self(batch), 0)                                # (b,)
 
 
 def ridge_problem(n=8, d=3, n_val=5, lam=0.1, seed=0):
@@ -580,3 +583,40 @@ def test_filter_on_cuda_with_a_cpu_generator_selects_what_the_cpu_selects():
         assert on_cuda.device.type == "cuda" and on_cuda.dtype == torch.long
         assert torch.equal(on_cuda.cpu(), on_cpu), how
         assert torch.equal(g_cuda.get_state(), g_cpu.get_state())
+
+
+def test_soba_alpha_grad_from_a_given_v_matches_brute_force(setup):
+    """soba_alpha_grad (the reference code's order passes v_{t+1}): d_α = Σ_x ⟨∇ℓ(x; θ), v⟩ ∇_α w(x; α) for
+    the v given, replacing what α.grad held (here soba_step's d_α from another v)."""
+    model, weighter, xg, xs = setup
+    bilevel.soba_step(model, weighter, xg, xs, random_v(model, seed=5))     # α.grad from another v
+    v = random_v(model, seed=3)
+    bilevel.soba_alpha_grad(model, weighter, xg, v)
+    c = per_example_grads(model, xg) @ flat(v.values())                      # (b,) ⟨∇ℓ(x), v⟩
+    ref = grad_of_weighted(weighter, xg, c)
+    assert ref.norm() > 1e-6
+    torch.testing.assert_close(alpha_grad(weighter), ref, rtol=1e-9, atol=1e-10 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("order", ["t", "t+1"])
+def test_soba_step_in_train_takes_d_alpha_from_v_t_or_v_t_plus_1(order):
+    """train.py's SOBA step (--soba_dalpha_v): α.grad after step t is Σ_{x∈S} ⟨∇ℓ(x; θ_t), v⟩ ∇_α w(x; α_t)
+    with v = v_t (default) or v_{t+1} (v after this step's update), S the batch θ trained on, by brute force."""
+    import copy
+    import train
+    cfg = train.parse_args(["--n_layer=1", "--n_embd=16", "--n_hidden=32", "--seq_len=16", "--batch_size=8",
+                            "--big_batch_size=32", "--specific_batch_size=8", "--weighter_dim=8",
+                            "--eval_examples=16", f"--soba_dalpha_v={order}", "--device=cpu"],
+                           {k: getattr(train, k) for k in train.config_keys})
+    ctx = train.setup(cfg)
+    train.train_step(ctx, 0)                      # v_1 ≠ 0
+    theta_t, alpha_t = copy.deepcopy(ctx.model).double(), copy.deepcopy(ctx.weighter).double()
+    v_t = {k: t.detach().clone() for k, t in ctx.v.items()}
+    out = train.train_step(ctx, 1)
+    v = v_t if order == "t" else ctx.v
+    assert not torch.equal(flat(v_t.values()), flat(ctx.v.values()))
+    x_S = ctx.x_train[out.idx]
+    c = per_example_grads(theta_t, x_S) @ flat(v.values()).double()          # (b,) ⟨∇ℓ(x; θ_t), v⟩
+    ref = grad_of_weighted(alpha_t, x_S, c)
+    got = alpha_grad(ctx.weighter).double()
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-4 * ref.abs().max().item())

@@ -44,7 +44,7 @@ def corpora(tmp_path):
     words = "the market rose as traders bought shares of the company said on monday".split()
     docs = [" ".join(words[i % 7:] + words[: i % 5]) + f" {i}" for i in range(400)]
     g = write_jsonl(tmp_path / "generic.jsonl", docs)
-    s = write_jsonl(tmp_path / "specific.jsonl", docs[:200])
+    s = write_jsonl(tmp_path / "specific.jsonl", [d + " specific" for d in docs[:200]])   # not in generic
     return g, s
 
 

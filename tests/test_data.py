@@ -172,7 +172,8 @@ def bad_cases(tmp_path):
     p = write_jsonl(tmp_path / "badjson.jsonl", [{"text": "ok"}, "{not json"])
     cases.append(("invalid JSON", str(p), "badjson.jsonl:2: not valid JSON"))
     p = tmp_path / "badutf8.jsonl"; p.write_bytes(b'{"text": "ok"}\n{"text": "\xff\xfe"}\n')
-    cases.append(("invalid UTF-8 in JSON", str(p), "badutf8.jsonl:2:"))
+    # invalid UTF-8 reads as U+FFFD in .jsonl as in .txt: a file of it is "binary"
+    cases.append(("invalid UTF-8 in JSON", str(p), "badutf8.jsonl: no usable text"))
     p = write_jsonl(tmp_path / "notext.jsonl", [{"text": "ok"}, {}, {"body": "x"}])
     cases.append(("no text field", str(p), 'notext.jsonl:2: record has no "text" field'))
     p = write_jsonl(tmp_path / "numtext.jsonl", [{"text": 3}])

@@ -1,18 +1,17 @@
 """Data parallelism under torchrun (train.py), on the CPU with gloo and two processes spawned here.
 
-1. One data-parallel step equals the single-process computation of the same objective on the same
-   examples. Each rank records what it drew (its shard of B, its filtered S, its shard of
-   B_specific) and copies of θ, α, v and their optimisers before the step; the reference, in this
-   process, steps the copies along gradients recomputed by plain autograd (tests/test_wiring.py's
-   independent helpers) on those examples:
-     θ: AdamW on the uniform mean loss of S_0 ∪ S_1 (baseline: of the two uniform shards);
-     α: Adam along the mean of the ranks' outer gradients, each with w = softmax over its own
-        shard (R_r for DDS and Anograd, S_r for SOBA): the per-rank normalisation of the README;
-     v: Adam along the mean of the ranks' d_v = H_{S_r} v + ∇L_specific on B_specific,r.
-   Stepping θ on rank 0's shard alone (no all-reduce) gives other numbers: the check can fail.
-2. After several more steps both ranks hold bit-identical θ, α and v.
-3. A 2-process `torchrun` run stopped by SIGTERM sent to rank 1 only stops both ranks at the same
-   step; resumed under torchrun, it ends with the uninterrupted 2-process run's losses and state.
+1. One data-parallel step is the whole batch's computation (tests/test_ddp_invariance.py checks the
+   same for all 13 methods against a run in one process; this file checks it against independent
+   gradients). Each rank records what it drew (the whole B, the filter's S, its rows of B_specific)
+   and copies of θ, α, v and their optimisers before the step; the reference, in this process, steps
+   the copies along gradients recomputed by plain autograd (tests/test_wiring.py's helpers):
+     θ: AdamW on the uniform mean loss of the whole S (baseline: of both ranks' uniform rows);
+     α: Adam along the outer gradient with w = softmax over all of R (DDS, Anograd) or S (SOBA);
+     v: Adam along d_v = H_S v + ∇L_specific on the whole S and B_specific.
+   The wrong alternatives (θ on rank 0's rows alone, the per-rank softmax) give other numbers.
+2. A 2-process `torchrun` run with two specific sets, stopped by SIGTERM sent to rank 1 only, stops
+   both ranks at the same step; resumed under torchrun, it ends with the uninterrupted run's losses
+   and state (the choice of the specific set is a shared draw, saved once).
 The file takes about a minute on a shared 2-core CPU.
 """
 
@@ -34,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import train  # noqa: E402
-from test_train import read_outputs, tensors_of, without_timing  # noqa: E402
+from test_train import read_outputs, tensors_of, two_specific_sets, without_timing  # noqa: E402
 from test_wiring import (TINY, adam_on, anograd_grad, assert_update, dds_grad, differs, params,  # noqa: E402
                          soba_dv, soba_grad, theta_after, weights_over)
 
@@ -42,7 +41,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILTIN = data.builtin_corpora
 METHODS = ("baseline", "dds", "anograd", "soba")
 WARMUP = 2                 # data-parallel steps before the checked one (Adam moments not empty)
-MORE = 3                   # steps after it, before the ranks are compared
 
 
 def free_port():
@@ -87,7 +85,7 @@ def state_of(ctx):
 
 
 def worker(rank, port, out_dir):
-    """One rank: for each method, WARMUP steps, the recorded step, MORE steps → out_dir/METHOD_RANK.pt."""
+    """One rank: for each method, WARMUP steps, then the recorded step → out_dir/METHOD_RANK.pt."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE="2")
     torch.set_num_threads(1)
@@ -106,11 +104,8 @@ def worker(rank, port, out_dir):
         idx = take_step(ctx, WARMUP)
         for k, f in originals.items():
             setattr(train, k, f)
-        after = state_of(ctx)
-        for step in range(WARMUP + 1, WARMUP + 1 + MORE):
-            take_step(ctx, step)
-        torch.save(dict(before=before, seen=seen, x=ctx.x_train[idx], after=after, final=state_of(ctx),
-                        cfg=ctx.cfg), os.path.join(out_dir, f"{method}_{rank}.pt"))
+        torch.save(dict(before=before, seen=seen, x=ctx.x_train[idx], after=state_of(ctx), cfg=ctx.cfg),
+                   os.path.join(out_dir, f"{method}_{rank}.pt"))
     torch.distributed.destroy_process_group()
 
 
@@ -126,68 +121,65 @@ def shards(recs, name):
     return [r["seen"][name][0] for r in recs]
 
 
+def interleave(parts):
+    """The ranks' rows [(n/2, …), (n/2, …)] → the whole batch (n, …): row i from rank i % 2."""
+    return torch.stack(parts, dim=1).reshape(-1, *parts[0].shape[1:])
+
+
 @pytest.mark.parametrize("method", METHODS)
-def test_one_data_parallel_step_equals_the_single_process_computation(method, ranks_out):
+def test_one_data_parallel_step_is_the_whole_batch_computation(method, ranks_out):
     recs = ranks_out[method]
     snap, cfg = recs[0]["before"], recs[0]["cfg"]
-    theta_t = params(snap["model"])
-    b = cfg["batch_size"] // 2                                            # b/N rows a rank trains on
+    theta_t, b = params(snap["model"]), cfg["batch_size"]
     if method == "baseline":
-        x_S = [r["x"] for r in recs]
+        x_S = interleave([r["x"] for r in recs])                          # the uniform rows, in draw order
     else:
-        x_B = [xb for _, xb in shards(recs, "big_batch")]
-        x_S = [xb[S] for xb, S in zip(x_B, shards(recs, "filter_batch"))]
-        x_spec = shards(recs, "specific_batch")
-        assert all(len(x) == b for x in x_S) and not torch.equal(x_S[0], x_S[1])
-    assert all(len(x) == b for x in x_S)
-    # θ: AdamW from the copied optimiser on the uniform mean loss of S_0 ∪ S_1
+        # the whole B on both ranks, one filter (the shared stream) and each rank on its rows of S
+        (_, x_B), (_, x_B1) = (r["seen"]["big_batch"][0] for r in recs)
+        S, S1 = shards(recs, "filter_batch")
+        assert torch.equal(x_B, x_B1) and torch.equal(S, S1) and len(S) == b
+        x_S = x_B[S]
+        assert all(torch.equal(r["x"], x_S[i::2]) for i, r in enumerate(recs))
+        x_spec = interleave(shards(recs, "specific_batch"))
+    # θ: AdamW from the copied optimiser on the uniform mean loss of the whole S
     snap_ns = type("Snap", (), dict(model=snap["model"], opt=snap["opt"]))
     theta_next = recs[0]["after"]["theta"]
-    assert_update(theta_next, theta_t, theta_after(snap_ns, torch.cat(x_S), cfg, WARMUP))
-    assert differs(theta_after(snap_ns, x_S[0], cfg, WARMUP), theta_next, theta_t)   # no all-reduce
+    assert_update(theta_next, theta_t, theta_after(snap_ns, x_S, cfg, WARMUP))
+    assert differs(theta_after(snap_ns, x_S[0::2], cfg, WARMUP), theta_next, theta_t)   # no all-reduce
     if method == "baseline":
         return
-    # α: Adam along the mean over ranks of the outer gradient, w = softmax over the rank's own shard
+    # α: Adam along the outer gradient of the whole batch, w = softmax over all of R (DDS, Anograd) or
+    # S (SOBA); the per-rank softmax (each rank's own normaliser, the ranks' mean) is another update
     model, weighter = snap["model"], snap["weighter"]
-    per_rank = []
-    for r in range(2):
+
+    def outer_grad(x_R, x_S, x_spec):
         if method == "dds":
-            x_R = x_B[r][:b]
-            w = weights_over(weighter, x_R)
-            per_rank.append(dds_grad(model, weighter, x_R, x_spec[r], cfg["rho"], w))
-        elif method == "anograd":
-            x_R = x_B[r][:b]
+            return dds_grad(model, weighter, x_R, x_spec, cfg["rho"], weights_over(weighter, x_R))
+        if method == "anograd":
             w = F.softplus(weighter.a) * weights_over(weighter, x_R)
-            per_rank.append(anograd_grad(model, weighter, x_R, x_spec[r], w))
-        else:
-            per_rank.append(soba_grad(model, weighter, x_S[r], snap["v"], weights_over(weighter, x_S[r])))
-    mean = [None if g0 is None else (g0 + g1) / 2 for g0, g1 in zip(*per_rank)]
+            return anograd_grad(model, weighter, x_R, x_spec, w)
+        return soba_grad(model, weighter, x_S, snap["v"], weights_over(weighter, x_S))
     alpha_t, alpha_next = params(weighter), recs[0]["after"]["alpha"]
-    expected = adam_on(weighter, snap["meta_opt"], mean)
+    expected = adam_on(weighter, snap["meta_opt"], outer_grad(x_B[:b], x_S, x_spec))
+    per_rank = [outer_grad(x_B[:b][r::2], x_S[r::2], x_spec[r::2]) for r in range(2)]
+    per_rank_mean = [None if g0 is None else (g0 + g1) / 2 for g0, g1 in zip(*per_rank)]
     # Anograd's scale a gets a gradient that is 0 up to rounding (the cosine is scale-invariant)
     names = [n for n, _ in weighter.named_parameters()]
     keep = [j for j, n in enumerate(names) if not (method == "anograd" and n == "a")]
     assert_update(*([t[j] for j in keep] for t in (alpha_next, alpha_t, expected)), rtol=1e-6)
+    wrong = adam_on(weighter, snap["meta_opt"], per_rank_mean)
+    assert differs([wrong[j] for j in keep], [alpha_next[j] for j in keep], [alpha_t[j] for j in keep])
     if method != "soba":
         return
-    # v: Adam (copied optimiser, η = lr_at(t)) along the mean over ranks of d_v
-    d_v = [soba_dv(model, x_S[r], x_spec[r], snap["v"])[0] for r in range(2)]
+    # v: Adam (copied optimiser, η = lr_at(t)) along d_v = H_S v + ∇L_specific on the whole batches
+    d_v = soba_dv(model, x_S, x_spec, snap["v"])[0]
     v, v_opt = copy.deepcopy((snap["v"], snap["v_opt"]))
     v_opt.param_groups[0]["lr"] = train.lr_at(WARMUP, cfg)
     for k, t in v.items():
-        t.grad = (d_v[0][k] + d_v[1][k]).detach() / 2
+        t.grad = d_v[k].detach()
     v_opt.step()
     assert_update(recs[0]["after"]["v"], [t.detach() for t in snap["v"].values()],
                   [t.detach() for t in v.values()], rtol=1e-6)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_ranks_hold_identical_theta_alpha_v(method, ranks_out):
-    r0, r1 = (r["final"] for r in ranks_out[method])
-    for k in ("theta", "alpha", "v"):
-        assert len(r0[k]) == len(r1[k])
-        assert all(torch.equal(a, b) for a, b in zip(r0[k], r1[k])), k
-    assert not all(torch.equal(a, b) for a, b in zip(r0["theta"], ranks_out[method][0]["after"]["theta"]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,8 +210,9 @@ def rank_pid(proc, rank):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the workers' pids")
 def test_sigterm_on_one_rank_then_resume_under_torchrun_is_exact(tmp_path):
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
-    full = torchrun(full_dir, *FLAGS)                                   # the uninterrupted run, alongside
-    cut = torchrun(cut_dir, *FLAGS)
+    flags = FLAGS + two_specific_sets(tmp_path, n_generic=300, n_specific=80)
+    full = torchrun(full_dir, *flags)                                   # the uninterrupted run, alongside
+    cut = torchrun(cut_dir, *flags)
     log_path, deadline = cut_dir / "log.jsonl", time.time() + 300
     while not (log_path.exists() and log_path.read_text().strip()):    # first evaluation (step 10) written
         assert cut.poll() is None and time.time() < deadline, cut.communicate()

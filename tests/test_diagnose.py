@@ -176,7 +176,7 @@ def test_sar_inner_products_and_rates_match_brute_force():
         sar_slow.append(b_s[:8] > b_g[:8]), gar_slow.append(b_g[8:] > b_s[8:])
     assert torch.equal(torch.stack(sar_fast), torch.stack(sar_slow))
     assert torch.equal(torch.stack(gar_fast), torch.stack(gar_slow))
-    r = diagnose.rate_summary(torch.stack(sar_fast))
+    r = diagnose.rate_summary(torch.stack(sar_fast), 8)      # 8 distinct held-out documents
     assert r["rate"] == torch.stack(sar_slow).float().mean().item()
     assert r["ci95_wilson"][0] <= r["rate"] <= r["ci95_wilson"][1]
 
@@ -352,7 +352,9 @@ def test_select_top_k_exact(scored_corpus, tmp_path, monkeypatch, capsys):
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
     assert normal_mode(out)                              # not tempfile's 0600
     # --fraction: k = ⌈fraction · N⌉ after a counting pass, same top set
-    assert diagnose.main(["select", f"--run={run}", f"--input={inp}", f"--output={out}", "--fraction=0.2"]) == 0
+    assert diagnose.main(["select", f"--run={run}", f"--input={inp}", f"--output={out}", "--fraction=0.2"]) == 2
+    assert diagnose.main(["select", f"--run={run}", f"--input={inp}", f"--output={out}", "--fraction=0.2",
+                          "--overwrite"]) == 0
     assert {r["text"] for r in read_out(out)} == {docs[i]["text"] for i in torch.topk(s, 9).indices.tolist()}
     # the report lists every input source, even one with nothing selected, with share ÷ base rate
     report = capsys.readouterr().out.split("selected 9 of 45 documents")[1]
@@ -368,7 +370,7 @@ def test_select_max_docs_draws_uniformly_over_the_whole_input(scored_corpus, tmp
     for seed in (0, 0, 1):          # --fraction=1: every document read is written, in reading order
         out = tmp_path / f"max{seed}.jsonl"
         assert diagnose.main(["select", f"--run={run}", f"--input={inp}", f"--output={out}", "--fraction=1",
-                              "--max_docs=10", f"--seed={seed}"]) == 0
+                              "--max_docs=10", f"--seed={seed}", "--overwrite"]) == 0
         idx = [texts.index(r["text"]) for r in read_out(out)]
         assert len(idx) == 10 and idx == sorted(idx)
         assert picked.setdefault(seed, idx) == idx      # seeded: the same draw again
@@ -379,7 +381,7 @@ def test_select_max_docs_draws_uniformly_over_the_whole_input(scored_corpus, tmp
     for seed in range(2, 8):
         out = tmp_path / "max.jsonl"
         assert diagnose.main(["select", f"--run={run}", f"--input={inp}", f"--output={out}", "--fraction=1",
-                              "--max_docs=10", f"--seed={seed}"]) == 0
+                              "--max_docs=10", f"--seed={seed}", "--overwrite"]) == 0
         idx = [texts.index(r["text"]) for r in read_out(out)]
         second, seen = second + sum(i >= 20 for i in idx), seen | set(idx)
     assert 20 <= second <= 47 and len(seen) >= 30          # expected 33.3 and 33.8
@@ -388,7 +390,7 @@ def test_select_max_docs_draws_uniformly_over_the_whole_input(scored_corpus, tmp
                           "--max_docs=10", "--first_docs"]) == 0
     assert [r["text"] for r in read_out(out)] == texts[:10]            # the first 10, in file order
     assert diagnose.main(["select", f"--run={run}", f"--input={inp}", f"--output={out}", "--fraction=0.5",
-                          "--max_docs=100"]) == 0                       # more than the corpus holds: all 45
+                          "--max_docs=100", "--overwrite"]) == 0                       # more than the corpus holds: all 45
     assert len(read_out(out)) == 23
 
 
@@ -513,12 +515,13 @@ def test_table_runs_train_py_once_per_method_and_seed(corpora, tmp_path, capsys)
     gen, spec = corpora
     args = ["table", f"--out_dir={tmp_path}", "--methods=baseline,not_a_method", "--seeds=0", "--max_steps=2",
             "--finetune_steps=2", f"--generic={gen}", f"--specific={spec}"] + TINY
+    assert diagnose.main(args) == 2 and "not_a_method" in capsys.readouterr().err      # named before any run
+    args[2] = "--methods=baseline"
     assert diagnose.main(args) == 0
     summary = json.loads((tmp_path / "baseline_s0" / "summary.json").read_text())
     assert summary["config"]["max_steps"] == 2 and "specific_test_loss_finetuned" in summary
     res = json.loads((tmp_path / "table.json").read_text())
     assert res["methods"]["baseline"]["pretrain"][0] == pytest.approx(summary["specific_test_loss"])
-    assert any("not_a_method" in n for n in res["notes"])
     mtime = os.path.getmtime(tmp_path / "baseline_s0" / "summary.json")
     assert diagnose.main(args) == 0                               # a finished run is kept, not redone
     assert os.path.getmtime(tmp_path / "baseline_s0" / "summary.json") == mtime
@@ -738,3 +741,72 @@ def test_shuffled_replays_the_trajectory_in_a_permutation(soba_run, corpora, tmp
         want = snaps[int(ctx.replay.sigma[step * 2 // 6])]            # 2 snapshots → 2 segments of 3 steps
         assert all(torch.equal(ctx.weighter.state_dict()[k], v) for k, v in want.items())
     assert not torch.equal(snaps[0]["head.weight"], snaps[1]["head.weight"])   # the replay is not trivial
+
+
+# -----------------------------------------------------------------------------------------------
+# compare: the authors' curves at equal steps, and the speedup at a horizon
+
+def curve_run(d, method, losses):
+    """A fake run dir: {step: loss} as pretraining evaluations (elapsed_s = step / 10)."""
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump({"method": method}, f)
+    with open(os.path.join(d, "log.jsonl"), "w") as f:
+        for step, loss in losses.items():
+            f.write(json.dumps({"step": step, "phase": "pretrain", "elapsed_s": step / 10,
+                                "specific_valid_loss": loss, "specific_test_loss": loss}) + "\n")
+    return d
+
+
+# the authors' logged Reuters valid loss, step: (baseline, SOBA), as in their curves
+AUTHORS = {2000: (1.5726, 1.5087), 4000: (1.4581, 1.3677), 6000: (1.4086, 1.2804)}
+
+
+def test_compare_prints_the_authors_ratio_beside_the_runs_at_equal_steps(tmp_path, capsys, monkeypatch):
+    base_losses = {t: 3.0 - t / 10000 for t in range(1000, 7000, 1000)}             # steps 1000 … 6000
+    soba_losses = {t: 2.9 - t / 8000 for t in range(1000, 7000, 1000) if t != 4000}   # no evaluation at 4000
+    base = curve_run(str(tmp_path / "base"), "baseline", base_losses)
+    soba = curve_run(str(tmp_path / "soba"), "soba", soba_losses)
+    out = tmp_path / "cmp.md"
+    drawn = []
+    with monkeypatch.context() as m:     # what would be drawn, with or without matplotlib here
+        m.setattr(importlib.util, "find_spec", lambda name, *a: object())
+        m.setattr(diagnose, "plot", lambda path, panels: drawn.append((path, panels)))
+        assert diagnose.main(["compare", f"--runs={base},{soba}", f"--out={out}"]) == 0
+    printed = capsys.readouterr().out
+    rows = {}
+    for line in out.read_text().splitlines():      # the table's rows: | step | ... |
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0].isdigit() and len(cells) == 5:
+            rows[int(cells[0])] = cells[1:]
+    assert set(rows) == set(AUTHORS)               # the authors' steps up to the baseline's last evaluation
+    for step, (b, s) in AUTHORS.items():
+        ours = f"{soba_losses[step] / base_losses[step]:.3f}" if step in soba_losses else "—"
+        assert rows[step] == [f"{b:.4f}", f"{s:.4f}", f"{s / b:.3f}", ours], step
+        assert f"| {step} | {b:.4f} | {s:.4f} | {s / b:.3f} | {ours} |" in printed
+    assert rows[4000][-1] == "—" and rows[2000][2] == "0.959"
+    # the PNG: the authors' ratio drawn on the baseline's curve at their steps
+    [(path, [(_, _, curves, _)])] = drawn
+    steps, values = curves["the baseline × the authors' SOBA / baseline"]
+    assert path == str(tmp_path / "cmp.png") and list(steps) == list(AUTHORS)
+    assert values == pytest.approx([base_losses[t] * s / b for t, (b, s) in AUTHORS.items()])
+    if importlib.util.find_spec("matplotlib"):
+        assert diagnose.main(["compare", f"--runs={base},{soba}", f"--out={tmp_path / 'real.md'}"]) == 0
+        assert (tmp_path / "real.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_speedup_at_a_horizon(tmp_path, capsys):
+    """--horizon=H: the target is the baseline's loss at step H; the speedup is H / the run's steps to it."""
+    base = curve_run(str(tmp_path / "base"), "baseline", {t: 3.0 - t / 10000 for t in range(1000, 7000, 1000)})
+    soba = curve_run(str(tmp_path / "soba"), "soba", {t: 3.0 - t / 5000 for t in range(1000, 7000, 1000)})
+    for horizon in (2000, 4000, 6000):
+        assert diagnose.main(["compare", f"--runs={base},{soba}", f"--horizon={horizon}",
+                              f"--out={tmp_path / 'h.md'}"]) == 0
+        res = json.loads((tmp_path / "h.json").read_text())
+        assert res["target"] == pytest.approx(3.0 - horizon / 10000)
+        # the run reaches 3 − H/10000 at step H/2 (linear between its evaluations): a speedup of 2
+        assert res["runs"][soba]["steps_to_target"] == pytest.approx(horizon / 2)
+        assert res["runs"][soba]["speedup_steps"] == pytest.approx(2.0)
+    capsys.readouterr()
+    assert diagnose.main(["compare", f"--runs={base},{soba}", "--horizon=2500"]) == 2
+    assert "--horizon=2500" in one_line_error(capsys)

@@ -4,6 +4,7 @@ built once when several processes ask at once; a run resumes from one exactly. A
 paper's data (C4, Reuters-21578), on small files written here in the sources' own formats."""
 
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -63,6 +64,7 @@ def corpus(tmp_path):
 
 def assert_same(a, b):
     assert a.sources == b.sources and a.name == b.name
+    assert a.doc_hash.dtype == b.doc_hash.dtype and np.array_equal(a.doc_hash, b.doc_hash)
     for split in data.SPLITS:
         x, y = getattr(a, split), getattr(b, split)
         assert x.sources == y.sources
@@ -89,6 +91,23 @@ def test_prepared_equals_in_memory(corpus, tmp_path, doc_mode, workers):
             regions = [line.split() for line in f]
         owner = [r[-1] for r in regions if int(r[0].split("-")[0], 16) <= start < int(r[0].split("-")[1], 16)]
         assert owner and owner[0].endswith("train.x"), owner
+
+
+def test_doc_hash_and_warnings_on_every_load(corpus, tmp_path, capsys):
+    """doc_hash against its definition (64 bits of each document's MD5, in reading order, from
+    read_documents); the readers' warnings (invalid UTF-8, an empty file skipped) on the build and
+    again when the copy is mapped."""
+    with open(os.path.join(corpus, "d_bad.txt"), "wb") as f:
+        f.write("caf\u00e9 ".encode() * 20 + b"\xff\xfe bad bytes")
+    open(os.path.join(corpus, "e_empty.jsonl"), "w").close()
+    want = [int.from_bytes(hashlib.md5(b).digest()[:8], "little", signed=True)
+            for f in data.resolve_files(corpus) for b, _, _ in data.read_documents(f, skip_empty=True)]
+    capsys.readouterr()
+    for cache in ("off", str(tmp_path / "cache"), str(tmp_path / "cache")):      # memory, built, mapped
+        c = data.load_corpus(corpus, 16, cache=cache)
+        assert c.doc_hash.tolist() == want
+        out = capsys.readouterr().out
+        assert "d_bad.txt: 2 invalid UTF-8 sequences" in out and "e_empty.jsonl: an empty file" in out, out
 
 
 def test_default_cache_is_under_xdg_cache_home(corpus, tmp_path, monkeypatch):
@@ -172,7 +191,8 @@ FLAGS = ["--max_steps=20", "--eval_interval=10", "--eval_examples=50", "--n_laye
 
 
 def test_run_on_a_prepared_pool_is_the_in_memory_run_and_resumes_exactly(corpus, tmp_path, monkeypatch):
-    flags = [f"--generic={corpus}", f"--specific={corpus}/b_mixed.jsonl", *FLAGS]
+    # the specific file is one of the generic corpus's: its contamination allowed (a warning)
+    flags = [f"--generic={corpus}", f"--specific={corpus}/b_mixed.jsonl", "--allow_overlap", *FLAGS]
     memory, cut = tmp_path / "memory", tmp_path / "cut"
     assert train.main([f"--out_dir={memory}", *flags, "--data_cache=off"]) == 0
     with monkeypatch.context() as m:

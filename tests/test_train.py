@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import bilevel
 import data
 import train
 
@@ -202,7 +203,7 @@ def test_each_outer_batch_comes_from_one_specific_set_chosen_uniformly():
     ctx = SimpleNamespace(specifics=sets, specific_x=[s.train.x for s in sets],
                           specific_samplers=[data.Sampler(50, i) for i in range(3)],
                           cfg={"specific_batch_size": 5}, gen=torch.Generator().manual_seed(0), device="cpu",
-                          rank=0, world=1)
+                          rank=0, world=1, ranks=bilevel.ONE)
     firsts = []
     for _ in range(600):
         batch = train.specific_batch(ctx)
@@ -212,16 +213,20 @@ def test_each_outer_batch_comes_from_one_specific_set_chosen_uniformly():
     assert all(150 < c < 250 for c in counts), counts                     # ~200 each (binomial sd ~11.5)
 
 
-def test_several_specific_sets_are_evaluated_each_and_averaged(tmp_path):
+def two_specific_sets(tmp_path, n_generic=200, n_specific=60):
+    """--generic and --specific flags for a generic file and two specific sets, news and code (written here)."""
     def write(name, docs):
         with open(tmp_path / name, "w") as f:
             f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
-    write("generic.jsonl", [f"generic document number {i} " * 4 for i in range(200)])
-    write("news.jsonl", [f"NEWS ITEM {i}: markets rose today " * 3 for i in range(60)])
-    write("code.jsonl", [f"def f{i}(x):\n    return x + {i}\n" * 3 for i in range(60)])
-    summary, log = run_main(tmp_path / "run", f"--generic={tmp_path / 'generic.jsonl'}",
-                            f"--specific={tmp_path / 'news.jsonl'};{tmp_path / 'code.jsonl'}", "--method=soba",
-                            "--max_steps=4", "--eval_interval=2", "--batch_size=4", "--big_batch_size=16",
+    write("generic.jsonl", [f"generic document number {i} " * 4 for i in range(n_generic)])
+    write("news.jsonl", [f"NEWS ITEM {i}: markets rose today " * 3 for i in range(n_specific)])
+    write("code.jsonl", [f"def f{i}(x):\n    return x + {i}\n" * 3 for i in range(n_specific)])
+    specific = f"{tmp_path / 'news.jsonl'};{tmp_path / 'code.jsonl'}"
+    return [f"--generic={tmp_path / 'generic.jsonl'}", f"--specific={specific}"]
+
+
+def test_several_specific_sets_are_evaluated_each_and_averaged(tmp_path):
+    summary, log = run_main(tmp_path / "run", *two_specific_sets(tmp_path), "--method=soba", "--max_steps=4", "--eval_interval=2", "--batch_size=4", "--big_batch_size=16",
                             "--specific_batch_size=4", "--seq_len=32", "--n_layer=1", "--n_embd=16", "--n_hidden=32")
     for split in ("valid", "test"):
         per_set = [summary[f"specific_{split}_loss/{name}"] for name in ("news", "code")]

@@ -1,4 +1,6 @@
 """The weighting network's fast scoring path against its definition (weighter.py)."""
+import math
+
 import pytest
 import torch
 
@@ -75,3 +77,42 @@ def test_score_on_cuda_matches_cpu():
     on_cuda = score(w.cuda(), x.cuda())
     assert on_cuda.device.type == "cuda"
     assert torch.allclose(on_cuda.cpu(), on_cpu, atol=1e-5)
+
+
+def test_reference_init_follows_the_authors_rule():
+    """--weighter_init=reference (the authors' code, Flax): each convolution Xavier-uniform, U(±a) with
+    a = √(6 / (fan_in + fan_out)), fan = kernel · channels, so std a/√3; the head LeCun-normal (std √(1/fan_in),
+    truncated at ±2 / 0.8796 of it); every bias zero; the embedding N(0, 1). Stds within ~5 standard errors."""
+    dim, kernel = 64, 7
+    torch.manual_seed(0)
+    w = Weighter(dim=dim, kernel=kernel, init="reference")
+    conv = w.convs[0].weight                                           # (dim, dim, kernel): 28672 draws
+    a = math.sqrt(6 / (kernel * dim + kernel * dim))
+    assert conv.abs().max() <= a and conv.abs().max() > 0.99 * a
+    # the std of U(±a) is a/√3; the standard error of a sample std is about std/√(2n)
+    assert abs(conv.std().item() / (a / math.sqrt(3)) - 1) < 5 / math.sqrt(2 * conv.numel())
+    # the head: 64 weights per network, pooled over 100 draws (6400)
+    heads = []
+    for seed in range(100):
+        torch.manual_seed(seed)
+        heads.append(Weighter(dim=dim, kernel=kernel, init="reference").head.weight.flatten())
+    head = torch.cat(heads)
+    sigma = math.sqrt(1 / dim)
+    # the truncated normal's kurtosis is < 3: its sample std's standard error is below std/√(2n)
+    assert abs(head.std().item() / sigma - 1) < 5 / math.sqrt(2 * head.numel())
+    assert head.abs().max() <= 2 * sigma / 0.87962566103423978
+    assert abs(head.mean().item()) < 5 * sigma / math.sqrt(head.numel())
+    assert not w.convs[0].bias.any() and not w.head.bias.any()
+    assert abs(w.embed.weight.std().item() - 1) < 5 / math.sqrt(2 * w.embed.weight.numel())
+
+
+def test_default_init_is_unchanged():
+    """init="default" draws exactly what Weighter always drew (the runs' numbers stay bit for bit)."""
+    torch.manual_seed(3)
+    a = Weighter(dim=8, kernel=3).state_dict()
+    torch.manual_seed(3)
+    b = Weighter(dim=8, kernel=3, init="default").state_dict()
+    torch.manual_seed(3)
+    c = Weighter(dim=8, kernel=3, init="reference").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(a["embed.weight"], c["embed.weight"]) and not torch.equal(a["head.weight"], c["head.weight"])
