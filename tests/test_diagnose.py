@@ -23,6 +23,7 @@ import train  # noqa: E402
 import weighter  # noqa: E402
 from model import ByteLM, ModelConfig  # noqa: E402
 from weighter import Weighter, score  # noqa: E402
+from conftest import nats_per_byte_by_hand, run_theta  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -729,7 +730,10 @@ def test_gpucheck_cpu_dry_run_writes_a_complete_report(corpora, tmp_path, capsys
         assert summary["config"]["preset"] == "cpu" and summary["config"]["method"] == m
         assert r == {"exit_status": 0, "steps": 2, **{k: summary[k] for k in (
             "specific_valid_loss", "specific_test_loss", "generic_valid_loss", "ms_per_step", "peak_mem_mb")}}
-        assert 0 < r["specific_valid_loss"] < 8 and 0 < r["specific_test_loss"] < 8 and 0 < r["generic_valid_loss"] < 8
+        # the reported loss recomputed: the run's final θ on the specific test examples evaluated (eval_examples)
+        test = data.eval_subset(data.load_corpus(spec, 32, "first", flag="--specific").test, 32, 2).x
+        assert r["specific_test_loss"] == pytest.approx(nats_per_byte_by_hand(run_theta(tmp_path / "gc" / m), test),
+                                                        rel=1e-5)
         assert r["ms_per_step"] > 0 and r["peak_mem_mb"] > 10
     assert set(rep["methods"]) == {"baseline", "soba", "dds", "anograd"}
     base = rep["methods"]["baseline"]
