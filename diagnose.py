@@ -669,15 +669,11 @@ def run_info(run):
                 finetuned=summ.get("specific_test_loss_finetuned"))
 
 
-# the settings that change the specific data or its evaluation: runs that differ in one have other losses
-SPECIFIC_DATA = ("specific", "specific_train_docs", "doc_mode", "seq_len", "eval_examples")
-
-
 def data_difference(cfg, base):
-    """The first setting that changes the specific data or its evaluation in which the config cfg differs
-    from base, or None. The seed too where it draws the specific documents: the specific_train_docs
-    subset, the built-in corpus."""
-    keys = SPECIFIC_DATA
+    """The first setting that changes the specific data or its evaluation (runs that differ in one have
+    other losses) in which the config cfg differs from base, or None. The seed too where it draws the
+    specific documents: the specific_train_docs subset, the built-in corpus."""
+    keys = ("specific", "specific_train_docs", "doc_mode", "seq_len", "eval_examples")
     if base["specific_train_docs"] or not base["specific"]:
         keys += ("seed",)
     return next((k for k in keys if cfg[k] != base[k]), None)
@@ -826,19 +822,18 @@ def run_all(todo, jobs):
                 os.makedirs(run_dir, exist_ok=True)
                 out = None if jobs == 1 else open(os.path.join(run_dir, "train.out"), "a")
                 stderr = None if out is None else subprocess.STDOUT
-                running[label] = subprocess.Popen(cmd, stdout=out, stderr=stderr, env=env), out
+                running[label] = subprocess.Popen(cmd, stdout=out, stderr=stderr, env=env)
+                if out is not None:      # the child writes through its own copy of the file
+                    out.close()
                 log(f"start {label}: " + " ".join(cmd[1:]))
             time.sleep(0.2)
-            for label, (proc, out) in list(running.items()):
+            for label, proc in list(running.items()):
                 if proc.poll() is not None:
-                    status[label] = proc.returncode
-                    del running[label]
-                    if out is not None:
-                        out.close()
+                    status[label] = running.pop(label).returncode
                     log(f"end   {label}: status {proc.returncode}")
         except KeyboardInterrupt:    # no new run; the running ones checkpoint and exit
             queue.clear()
-            for proc, _ in running.values():
+            for proc in running.values():
                 proc.send_signal(signal.SIGINT)      # a second SIGINT only sets train.py's stop flag again
     return status
 
@@ -929,11 +924,12 @@ def run_notes(status):
 def table2(results):
     """Table 2 from {"": assemble's numbers}: a row per method → (caption, header, rows, the numbers
     table.json holds)."""
-    res = results[""]
     header = ["Method", "Pre-train", "Fine-tune", "ms/step", "seeds", "paper Pre-train", "paper Fine-tune"]
     rows = [[r["name"], pm(*r["pretrain"]), pm(*r["finetune"]), fmt(r["ms_per_step"][0], ".1f"),
-             len(r["seeds"]), fmt(r["paper"]["pretrain"]), fmt(r["paper"]["finetune"])] for r in res.values()]
-    return "; paper: Table 2 (C4 → Reuters, 9.5M parameters, 300k steps)", header, rows, {"methods": res}
+             len(r["seeds"]), fmt(r["paper"]["pretrain"]), fmt(r["paper"]["finetune"])]
+            for r in results[""].values()]
+    caption = "; paper: Table 2 (C4 → Reuters, 9.5M parameters, 300k steps)"
+    return caption, header, rows, {"methods": results[""]}
 
 
 def table3(results):
