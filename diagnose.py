@@ -601,10 +601,11 @@ def cmd_select(opts, _):
 #
 #   speedup = (steps, or train seconds, the baseline takes to reach the target) / (the same for a run)
 # The target is the baseline's final pretraining loss unless --target is given (or --horizon=H: its loss
-# at step H, for the speedup at a horizon H). Runs trained on other specific sets have other losses: they
-# are refused unless --force. Beside them, the authors' curves: their SOBA / baseline ratio at each of their
-# evaluations against each run's ratio to the baseline at the same step (a run is at a point of its own
-# curve, not at the paper's 300k-step end: the authors' ratio falls from 0.96 at 2k steps to 0.85 at 12k).
+# at step H, for the speedup at a horizon H). Runs with other specific data (sets, subset, windows) or
+# another evaluation (eval_examples) have other losses: they are refused unless --force. Beside them, the
+# authors' curves: their SOBA / baseline ratio at each of their evaluations against each run's ratio to the
+# baseline at the same step (a run is at a point of its own curve, not at the paper's 300k-step end: the
+# authors' ratio falls from 0.96 at 2k steps to 0.85 at 12k).
 
 # the authors' logged Reuters valid loss (nats/byte) of the baseline and of Sparse SOBA, pretraining (their
 # 9.5M-parameter model, b = 128, |B| = 16384, evaluated every 2000 steps): step → (baseline, SOBA)
@@ -621,7 +622,7 @@ COMPARE_OPTIONS = dict(
     horizon=(0, "the target is the baseline's loss at this step (one of its evaluations); 0 = its last"),
     metric=("specific_valid_loss", "the logged loss the target applies to"),
     interpolate=(True, "interpolate between evaluations (else: the first evaluation at or below)"),
-    force=(False, "compare runs trained on different specific sets anyway"),
+    force=(False, "compare runs with other specific data or evaluation (specific sets, seq_len, ...) anyway"),
     out=("", "also write the table here (markdown), its numbers (.json), the curves (.png, with matplotlib)"))
 
 
@@ -661,11 +662,21 @@ def run_info(run):
     last = (pretrain_records(records) or [{}])[-1]
     final = {**last, **summ}           # summary.json's numbers, where it has them
     losses = ("specific_valid_loss", "specific_test_loss", "generic_valid_loss")
-    return dict(records=records, method=cfg["method"], last_pretrain=last,
+    return dict(records=records, cfg=cfg, method=cfg["method"], last_pretrain=last,
                 steps=final.get("steps") or final.get("step"),
                 specific_set=(cfg["specific"], cfg["specific_train_docs"]),
                 ms_per_step=final.get("ms_per_step"), **{k: final.get(k) for k in losses},
                 finetuned=summ.get("specific_test_loss_finetuned"))
+
+
+def data_difference(cfg, base):
+    """The first setting that changes the specific data or its evaluation (runs that differ in one have
+    other losses) in which the config cfg differs from base, or None. The seed too where it draws the
+    specific documents: the specific_train_docs subset, the built-in corpus."""
+    keys = ("specific", "specific_train_docs", "doc_mode", "seq_len", "eval_examples")
+    if base["specific_train_docs"] or not base["specific"]:
+        keys += ("seed",)
+    return next((k for k in keys if cfg[k] != base[k]), None)
 
 
 def compare_rows(info, reach, base):
@@ -675,7 +686,7 @@ def compare_rows(info, reach, base):
         steps, secs = reach[run]
         # speedup = (the baseline's steps, or seconds, to the target) / (this run's)
         speedup = [b / a if a and b else None for a, b in zip(reach[run], reach[base])]
-        numbers[run] = {**{k: v for k, v in r.items() if k not in ("records", "last_pretrain")},
+        numbers[run] = {**{k: v for k, v in r.items() if k not in ("records", "cfg", "last_pretrain")},
                         "steps_to_target": steps, "seconds_to_target": secs,
                         "speedup_steps": speedup[0], "speedup_time": speedup[1]}
         losses = [fmt(r[k]) for k in ("specific_valid_loss", "specific_test_loss", "finetuned")]
@@ -721,7 +732,9 @@ def reference_rows(info, base, key):
 def cmd_compare(opts, _):
     """steps and time to a target specific loss, speedups over the baseline (Figure 1)
 
-    Every run of --runs must have been trained on the baseline's specific set. Prints the final
+    Every run of --runs must have the baseline's specific data and evaluation (specific,
+    specific_train_docs, doc_mode, seq_len, eval_examples, and the seed where it draws the specific
+    documents: with specific_train_docs, or the built-in corpus; --force compares anyway). Prints the final
     losses of each run, when it reached the target, and its speedup in steps and in seconds. The
     target with --horizon=H: the baseline's loss at step H (the speedup at a horizon H).
     When the baseline was evaluated at the authors' steps (2000, 4000, …), a second table gives their
@@ -733,9 +746,11 @@ def cmd_compare(opts, _):
     info = {run: run_info(run) for run in dict.fromkeys(runs + [opts["baseline"]]) if run}     # read once
     base = opts["baseline"] or next((r for r in runs if info[r]["method"] == "baseline"), None)
     need(base, "--baseline: no run of --runs has method baseline; name one with --baseline=RUN")
-    for run, r in info.items():      # (specific, specific_train_docs) of each run against the baseline's
-        need(r["specific_set"] == info[base]["specific_set"] or opts["force"], f"{run}: not the baseline's "
-             f"specific set ({r['specific_set']} vs {info[base]['specific_set']}); --force compares anyway")
+    for run, r in info.items():      # the specific data and its evaluation: the baseline's
+        k, cfg = data_difference(r["cfg"], info[base]["cfg"]), info[base]["cfg"]
+        if k is not None and not opts["force"]:
+            raise DiagnoseError(f"{run}: {k}={r['cfg'][k]!r}, the baseline's {k}={cfg[k]!r}: other specific "
+                                f"data or evaluation; --force compares anyway")
     key, horizon = opts["metric"], opts["horizon"]
     need(any(key in rec for rec in info[base]["records"]), f"--metric: no {key!r} in {base}/log.jsonl")
     at_base = losses_at(info[base]["records"], key)
@@ -807,19 +822,18 @@ def run_all(todo, jobs):
                 os.makedirs(run_dir, exist_ok=True)
                 out = None if jobs == 1 else open(os.path.join(run_dir, "train.out"), "a")
                 stderr = None if out is None else subprocess.STDOUT
-                running[label] = subprocess.Popen(cmd, stdout=out, stderr=stderr, env=env), out
+                running[label] = subprocess.Popen(cmd, stdout=out, stderr=stderr, env=env)
+                if out is not None:      # the child writes through its own copy of the file
+                    out.close()
                 log(f"start {label}: " + " ".join(cmd[1:]))
             time.sleep(0.2)
-            for label, (proc, out) in list(running.items()):
+            for label, proc in list(running.items()):
                 if proc.poll() is not None:
-                    status[label] = proc.returncode
-                    del running[label]
-                    if out is not None:
-                        out.close()
+                    status[label] = running.pop(label).returncode
                     log(f"end   {label}: status {proc.returncode}")
         except KeyboardInterrupt:    # no new run; the running ones checkpoint and exit
             queue.clear()
-            for proc, _ in running.values():
+            for proc in running.values():
                 proc.send_signal(signal.SIGINT)      # a second SIGINT only sets train.py's stop flag again
     return status
 
@@ -839,18 +853,13 @@ def pm(m, s):
     return f"{m:.3f}" if s is None else f"{m:.3f} ± {s:.3f}"
 
 
-def assemble(out_dir, methods):
-    """Group OUT_DIR/METHOD_sSEED/summary.json by method → {method: its numbers over the seeds}: the
-    methods asked for, in order, then any other found there."""
-    summaries = {}
-    for name in sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []:
-        method, _, seed = name.rpartition("_s")
-        summ = read_json(os.path.join(out_dir, name, "summary.json"))
-        if summ is not None and method and seed.isdigit():
-            summaries.setdefault(summ.get("method", method), []).append((int(seed), summ))
+def assemble(out_dir, methods, seeds):
+    """OUT_DIR/METHOD_sSEED/summary.json of the methods and seeds asked for (those that finished), and no
+    other run of OUT_DIR → {method: its numbers over the seeds}."""
     res = {}
-    for m in methods + sorted(m for m in summaries if m not in methods):
-        runs = sorted(summaries.get(m, []), key=lambda t: t[0])
+    for m in methods:
+        runs = [(s, read_json(os.path.join(out_dir, f"{m}_s{s}", "summary.json"))) for s in seeds]
+        runs = [(s, summ) for s, summ in runs if summ is not None]
         pre_v = [s.get("specific_test_loss") for _, s in runs]
         ft_v = [s.get("specific_test_loss_finetuned") for _, s in runs]
         name, p_pre, p_ft = TABLE2.get(m, (m, None, None))
@@ -872,22 +881,33 @@ def specific_sets(opts, train_argv):
     return [(name, os.path.join(opts["out_dir"], name), [f"--specific={f}"]) for name, f in sets.items()]
 
 
+def setting_changed(run_dir, cfg):
+    """How the finished run in run_dir differs from cfg, the settings train.py would save for it (one
+    phrase for the first setting that differs), or None. Both are completed with today's defaults; left out:
+    what a resume may change (train.RESUMABLE) and config.json's bookkeeping (world_size, inputs)."""
+    saved, skip = read_run(run_dir)[1], train.RESUMABLE | {"world_size", "inputs"}
+    for k in sorted(saved.keys() | cfg.keys()):
+        if k not in skip and saved.get(k) != cfg.get(k):
+            return f"{k}={saved.get(k)!r} in its config.json, {k}={cfg.get(k)!r} here"
+    return None
+
+
 def plan_runs(methods, seeds, sets, train_argv):
-    """The runs still to do, [(label, train.py command, run_dir)], and notes on the methods skipped.
-    A run whose summary.json exists is kept; an unfinished one continues from its checkpoint."""
-    notes = [f"{m}: not a train.py method (see train.py --help); skipped" for m in methods
-             if m not in train.METHODS]
+    """The runs still to do, [(label, train.py command, run_dir)]. A finished run (summary.json) is kept
+    if its settings are the ones it would get here (else a one-line error naming the setting); an
+    unfinished one continues from its checkpoint (train.py's --resume checks its settings)."""
     todo = []
-    for name, out_dir, extra in sets:
-        train.parse_args(train_argv + extra, train_defaults())        # bad settings fail now, not per run
-        for m, s in itertools.product([m for m in methods if m in train.METHODS], seeds):
-            label, run_dir = f"{name} {m} seed {s}".strip(), os.path.join(out_dir, f"{m}_s{s}")
-            if os.path.exists(os.path.join(run_dir, "summary.json")):
-                print(f"{label}: {run_dir}/summary.json exists, kept", flush=True)
-            else:
-                argv = train_argv + extra + [f"--method={m}", f"--seed={s}"]
-                todo.append((label, train_cmd(argv, run_dir), run_dir))
-    return todo, notes
+    for (name, out_dir, extra), m, s in itertools.product(sets, methods, seeds):
+        label, run_dir = f"{name} {m} seed {s}".strip(), os.path.join(out_dir, f"{m}_s{s}")
+        argv = train_argv + extra + [f"--method={m}", f"--seed={s}"]
+        cfg = train.parse_args(argv, train_defaults())        # bad settings fail now, before any run
+        if not os.path.exists(os.path.join(run_dir, "summary.json")):
+            todo.append((label, train_cmd(argv, run_dir), run_dir))
+            continue
+        changed = setting_changed(run_dir, cfg)
+        need(changed is None, f"{run_dir}: a finished run with {changed}; another --out_dir, or remove it")
+        print(f"{label}: {run_dir}/summary.json exists, kept", flush=True)
+    return todo
 
 
 def run_notes(status):
@@ -901,30 +921,36 @@ def run_notes(status):
     return notes
 
 
-def table2(res):
-    """Table 2 from assemble's numbers: a row per method → (caption, header, rows)."""
+def table2(results):
+    """Table 2 from {"": assemble's numbers}: a row per method → (caption, header, rows, the numbers
+    table.json holds)."""
     header = ["Method", "Pre-train", "Fine-tune", "ms/step", "seeds", "paper Pre-train", "paper Fine-tune"]
     rows = [[r["name"], pm(*r["pretrain"]), pm(*r["finetune"]), fmt(r["ms_per_step"][0], ".1f"),
-             len(r["seeds"]), fmt(r["paper"]["pretrain"]), fmt(r["paper"]["finetune"])] for r in res.values()]
-    return "; paper: Table 2 (C4 → Reuters, 9.5M parameters, 300k steps)", header, rows
+             len(r["seeds"]), fmt(r["paper"]["pretrain"]), fmt(r["paper"]["finetune"])]
+            for r in results[""].values()]
+    caption = "; paper: Table 2 (C4 → Reuters, 9.5M parameters, 300k steps)"
+    return caption, header, rows, {"methods": results[""]}
 
 
 def table3(results):
     """Table 3 from {set: assemble's numbers}: a column per set; per method a pre-train row and a
-    "+ ft." row → (caption, header, rows)."""
+    "+ ft." row → (caption, header, rows, the numbers table.json holds)."""
     rows = []
     for m in dict.fromkeys(m for res in results.values() for m in res):      # each method once, in order
         for key in ("pretrain", "finetune"):
             label = TABLE2.get(m, (m,))[0] if key == "pretrain" else "+ ft."
             rows.append([label] + [pm(*res[m][key]) if m in res else "—" for res in results.values()])
-    return ", a column per set; paper: Table 3 (C4 → 9 Pile domains)", ["Method", *results], rows
+    caption = ", a column per set; paper: Table 3 (C4 → 9 Pile domains)"
+    return caption, ["Method", *results], rows, {"sets": results}
 
 
 def cmd_table(opts, train_argv):
     """run every method × seed (× specific set) by train.py and assemble Table 2 (or Table 3)
 
-    A run whose summary.json exists is kept; an interrupted one continues from its checkpoint, so
-    the same command, run again after Ctrl-C, finishes the table. `;` in --specific still means one
+    A run whose summary.json exists is kept if its config.json holds the settings this command gives
+    it (else a one-line error names the setting); an interrupted one continues from its checkpoint, so
+    the same command, run again after Ctrl-C, finishes the table. Only the --methods × --seeds runs
+    of OUT_DIR make the table. `;` in --specific still means one
     multi-task outer loss (Appendix B); --specifics makes one table column per file instead."""
     need(opts["out_dir"], "--out_dir: required (one subdirectory METHOD_sSEED per run)")
     need(all(a.split("=")[0] not in ("--method", "--seed", "--resume", "--out_dir") for a in train_argv),
@@ -933,19 +959,14 @@ def cmd_table(opts, train_argv):
     methods = [m for m in opts["methods"].split(",") if m] or list(TABLE2)
     unknown = [m for m in methods if m not in train.METHODS]
     need(not unknown, f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(train.METHODS)})")
-    sets, notes, status = specific_sets(opts, train_argv), [], {}
+    sets, seeds, status = specific_sets(opts, train_argv), [int(s) for s in opts["seeds"].split(",")], {}
     if not opts["assemble_only"]:
         need(opts["jobs"] >= 1, f"--jobs: must be at least 1, got {opts['jobs']}")
-        todo, notes = plan_runs(methods, opts["seeds"].split(","), sets, train_argv)
-        status = run_all(todo, opts["jobs"])
-        notes += run_notes(status)
-    results = {name: assemble(out_dir, methods) for name, out_dir, _ in sets}     # {set: {method: numbers}}
-    if opts["specifics"]:
-        what, header, rows = table3(results)
-        numbers = {"sets": results}
-    else:
-        what, header, rows = table2(results[""])
-        numbers = {"methods": results[""]}
+        status = run_all(plan_runs(methods, seeds, sets, train_argv), opts["jobs"])
+    notes = run_notes(status)
+    # {set: {method: numbers}}
+    results = {name: assemble(out_dir, methods, seeds) for name, out_dir, _ in sets}
+    what, header, rows, numbers = (table3 if opts["specifics"] else table2)(results)
     text = (f"Specific test loss (nats/byte), mean ± std over seeds{what}. Compare the ranking, not the "
             f"values.\n\n" + markdown(header, rows) + "".join(f"\n- {n}" for n in dict.fromkeys(notes)))
     print(text)
@@ -1107,9 +1128,8 @@ def bench(train_argv, methods, steps, warmup, rounds):
           f"steps; peak MB: allocated during one cycle of outer_every steps, above what was allocated "
           f"before.\n\n" + markdown(header, rows))
     # this process's peak memory: allocated GPU memory on CUDA, the resident set size on a CPU
-    process_mb = train.peak_mem_mb(dev)
     return res, dict(device=name, device_type=torch.device(dev).type, peak_bf16_tflops=peak, cfg=cfg,
-                     n_params=n_params, process_peak_memory_mb=process_mb)
+                     n_params=n_params, process_peak_memory_mb=train.peak_mem_mb(dev))
 
 
 def cmd_bench(opts, train_argv):

@@ -67,7 +67,7 @@ from weighter import (LossWeighter, Replay, Weighter, effective_sample_size, fil
 
 # what diagnose.py and the tests may use: the rest of this file is free to change
 __all__ = ["config_keys", "PRESETS", "METHODS", "ConfigError", "TrainingError", "parse_args", "cast", "setup",
-           "train_step", "lr_at", "peak_mem_mb"]
+           "train_step", "lr_at", "peak_mem_mb", "RESUMABLE"]
 
 # ---- config: the built-in experiment, small enough for a 2-core CPU in a few minutes -----------------
 # --- I/O

@@ -75,3 +75,22 @@ def write_jsonl(path, records):
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     return str(path)
+
+
+def nats_per_byte_by_hand(model, x):
+    """The evaluation metric recomputed: Σ −log p(byte) / Σ non-pad bytes over the rows of x (N, T), in
+    float64 from θ's logits (byte 0 is padding)."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model.eval().logits(x).double(), -1)           # (N, T, 256)
+    nll = -logp.gather(-1, x.long()[..., None]).squeeze(-1)                     # (N, T)
+    mask = x != 0                                                               # (N, T)
+    return (nll[mask].sum() / mask.sum()).item()
+
+
+def run_theta(out_dir):
+    """The θ of a train.py run's checkpoint (ckpt.pt), in a ByteLM built from its config.json."""
+    with open(os.path.join(out_dir, "config.json")) as f:
+        model = ByteLM.from_config(json.load(f))
+    model.load_state_dict(torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu",
+                                     weights_only=True)["model"])
+    return model

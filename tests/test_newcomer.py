@@ -33,7 +33,7 @@ import time
 import pytest
 import torch
 
-from conftest import write_jsonl
+from conftest import nats_per_byte_by_hand, run_theta, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the same ROOT as conftest's
 if ROOT not in sys.path:
@@ -183,6 +183,14 @@ def without_timing(records):
 
 def finite(x):
     return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def evaluated(out_dir, corpora, doc_mode):
+    """The specific test loss of a finished run recomputed: its final θ (ckpt.pt) on the fixed subset of
+    eval_examples test examples that every evaluation uses (seq_len 32), Σ nats / Σ bytes by hand."""
+    import data
+    test = data.load_corpus(corpora["specific"], 32, doc_mode, flag="--specific").test
+    return nats_per_byte_by_hand(run_theta(out_dir), data.eval_subset(test, 16, 2).x)
 
 
 @pytest.fixture(scope="module")
@@ -395,30 +403,54 @@ def test_specific_train_docs_keeps_valid_and_test_and_draws_only_training_docume
     (full,), (sub,) = (data.load_data(dict(cfg, specific_train_docs=n))[1] for n in (0, 5))
     for split in ("valid", "test"):                       # untouched: the same examples, in order
         assert getattr(sub, split).x.equal(getattr(full, split).x)
-    kept = set(sub.train.doc_id.tolist())
-    assert len(kept) == 5 and kept <= set(full.train.doc_id.tolist())
-    assert not kept & set(full.valid.doc_id.tolist()) and not kept & set(full.test.doc_id.tolist())
+    assert len(set(sub.train.doc_id.tolist())) == 5
+    # the splits against the data's own rule recomputed from the documents: an 80/10/10 hash of each
+    # record's bytes (no record gives a split), cut into the same windows
+    windows = {split: set() for split in ("train", "valid", "test")}
+    with open(corpora["specific"]) as f:
+        for line in f:
+            b = data.encode(json.loads(line)["text"])
+            chunk, n = data.windows(b, 32, "chunk")
+            windows[data.hash_split(b)].update(chunk[i * 32:(i + 1) * 32] for i in range(n))
+    rows = {split: {bytes(r) for r in getattr(full, split).x.numpy()} for split in ("valid", "test")}
+    assert rows == {split: windows[split] for split in ("valid", "test")}
+    assert {bytes(r) for r in sub.train.x.numpy()} <= windows["train"] - windows["valid"] - windows["test"]
 
 
 # ----------------------------------------------------------------------------------------------
 # small and odd corpora
 
-def test_pool_smaller_than_the_big_batch_warns_and_trains(capsys, tmp_path, corpora):
+def test_pool_smaller_than_the_big_batch_warns_and_trains(capsys, tmp_path, corpora, monkeypatch):
     """The default --doc_mode=first keeps one example per document: a dozen .txt files give ~10
     training examples, fewer than |B| = 16. B is drawn with replacement, so the run trains, after
-    a one-line hint to use --doc_mode=chunk."""
+    a one-line hint to use --doc_mode=chunk: each B of k = 16 uniform draws among N examples holds
+    N(1 − (1 − 1/N)^k) distinct ones on average."""
+    import train
+    drawn, big_batch = [], train.big_batch
+
+    def record(ctx):                        # B's indices, as train.py draws them
+        idx_B, x_B = big_batch(ctx)
+        drawn.append(idx_B)
+        return idx_B, x_B
+    monkeypatch.setattr(train, "big_batch", record)
     out = tmp_path / "out"
     code, stdout, stderr = main_in_process(capsys, f"--generic={corpora['generic']}",
-                                           f"--specific={corpora['specific']}", *TINY, f"--out_dir={out}")
+                                           f"--specific={corpora['specific']}", *TINY, "--max_steps=40",
+                                           f"--out_dir={out}")
     text = stdout + stderr
     assert code == 0, text
     assert len([l for l in text.splitlines() if "--doc_mode=chunk" in l]) == 1, text
     summary, log, _ = read_run(out)
-    assert [r["step"] for r in log] == [2, 4]
-    assert finite(summary["specific_test_loss"]), summary
+    assert log[-1]["step"] == 40
+    N = int(re.search(r"generic (\d+) train examples", text)[1])
+    assert N < 16 and len(drawn) == 40 and all(len(idx) == 16 and idx.max() < N for idx in drawn)
+    distinct = sum(len(idx.unique()) for idx in drawn) / len(drawn)
+    # 40 draws of B: the mean's standard deviation is below 0.2 for N ≈ 10
+    assert distinct == pytest.approx(N * (1 - (1 - 1 / N) ** 16), abs=0.6), (distinct, N)
+    assert summary["specific_test_loss"] == pytest.approx(evaluated(out, corpora, "first"), rel=1e-5)
 
 
-def test_chunk_run_completes_and_prints_only_the_overrides(run_a):
+def test_chunk_run_completes_and_prints_only_the_overrides(run_a, corpora):
     out, text = run_a
     # the pool is large: no hint; the only warning: the fixture's 2 one-document sources hashed out of train
     assert [l for l in text.lower().splitlines() if "warning" in l] == [
@@ -426,8 +458,7 @@ def test_chunk_run_completes_and_prints_only_the_overrides(run_a):
         "shares: source10, source11"], text
     summary, log, config = read_run(out)
     assert [r["step"] for r in log] == [2, 4]
-    for k in LOSSES:
-        assert finite(summary[k]), (k, summary)
+    assert summary["specific_test_loss"] == pytest.approx(evaluated(out, corpora, "chunk"), rel=1e-5)
     # printed: the settings given; not printed: the others (defaults); saved: all of them
     settings = {k: v for k, v, _, _ in config_block("train.py")}
     given = ("n_embd", "n_hidden", "seq_len", "big_batch_size", "specific_batch_size", "max_steps",
@@ -459,7 +490,7 @@ def test_empty_generic_valid_split_warns_and_trains_without_it(capsys, tmp_path,
     assert [r["step"] for r in log] == [2, 4]
     for rec in (summary, *log):
         assert rec.get("generic_valid_loss") is None, rec            # skipped: absent or null
-    assert finite(summary["specific_valid_loss"]) and finite(summary["specific_test_loss"]), summary
+    assert summary["specific_test_loss"] == pytest.approx(evaluated(out, corpora, "first"), rel=1e-5)
 
 
 def test_every_source_with_two_documents_keeps_training_data(tmp_path):

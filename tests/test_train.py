@@ -6,6 +6,7 @@ with the default config (about a minute each on a shared 2-core CPU).
 """
 
 import json
+import math
 import os
 import signal
 from types import SimpleNamespace
@@ -16,6 +17,7 @@ import torch
 import bilevel
 import data
 import train
+from conftest import nats_per_byte_by_hand, run_theta
 
 # ----------------------------------------------------------------------------------------------
 # helpers
@@ -62,9 +64,15 @@ def default_runs(tmp_path_factory):
 def test_default_run_learns_and_writes_outputs(default_runs):
     out, summary, log = default_runs("soba")            # soba is the default method
     assert summary["config"]["method"] == train.method == "soba"
-    # the specific valid loss goes down between the first and the last evaluation
+    # the specific valid loss against two byte models computed here: from about a uniform one's, ln 256
+    # (step 20), to within 0.5 nats of a unigram model fitted to the specific training bytes (step 60)
     assert [r["step"] for r in log] == [20, 40, 60]
-    assert log[-1]["specific_valid_loss"] < log[0]["specific_valid_loss"] - 0.5, log
+    specific = data.builtin_corpora(0, 128)[1]
+    counts = torch.bincount(specific.train.x[specific.train.x != 0].long(), minlength=256).double() + 0.5
+    valid = data.eval_subset(specific.valid, 200, 1).x                       # the evaluated examples
+    unigram = -torch.log(counts / counts.sum())[valid[valid != 0].long()].mean().item()   # ≈ 2.15
+    assert math.log(256) - 1 < log[0]["specific_valid_loss"] < math.log(256), log
+    assert log[-1]["specific_valid_loss"] < unigram + 0.5, (unigram, log)
     for key in ("steps", "specific_valid_loss", "specific_test_loss", "generic_valid_loss", "ms_per_step",
                 "peak_mem_mb", "config", "source_share", "target_source"):
         assert key in summary, key
@@ -228,8 +236,15 @@ def two_specific_sets(tmp_path, n_generic=200, n_specific=60):
 def test_several_specific_sets_are_evaluated_each_and_averaged(tmp_path):
     summary, log = run_main(tmp_path / "run", *two_specific_sets(tmp_path), "--method=soba", "--max_steps=4", "--eval_interval=2", "--batch_size=4", "--big_batch_size=16",
                             "--specific_batch_size=4", "--seq_len=32", "--n_layer=1", "--n_embd=16", "--n_hidden=32")
+    # each set's loss, independently: the final θ (ckpt.pt, no fine-tuning) on that set's examples (all of
+    # them: fewer than eval_examples), Σ nats / Σ non-pad bytes from the logits by hand
+    model = run_theta(tmp_path / "run")
     for split in ("valid", "test"):
         per_set = [summary[f"specific_{split}_loss/{name}"] for name in ("news", "code")]
         assert summary[f"specific_{split}_loss"] == pytest.approx(sum(per_set) / 2, rel=1e-6)
-        assert per_set[0] != per_set[1]
+        for name, loss in zip(("news", "code"), per_set):
+            x = getattr(data.load_corpus(str(tmp_path / f"{name}.jsonl"), 32, "first"), split).x
+            assert 0 < len(x) < summary["config"]["eval_examples"]
+            assert loss == pytest.approx(nats_per_byte_by_hand(model, x), rel=1e-5), (name, split)
     assert f"specific_test_loss/news" in log[-1]
+
