@@ -115,6 +115,7 @@ soba_v_optim = "adam"   # "adam": Adam on v at the main lr (reference code); "sg
 soba_v_lr = 0.0         # η for v; 0 = the main model's lr schedule
 soba_chunks = 1         # SOBA's second-order pass in this many micro-batches: same numbers, less memory
 soba_dalpha_v = "t"     # d_α from v_t (the pass of d_v) or "t+1", v updated first (reference; one more pass)
+hvp = "exact"           # SOBA's H v: "exact" (double backward) or "finite_difference" (2 FP32 gradients)
 filter = "without_replacement"  # importance | without_replacement | top (paper Table 7)
 outer_every = 1         # run the outer update every k steps (1 = every step, the paper)
 # --- baselines
@@ -469,7 +470,7 @@ def outer_soba(ctx, x_S, x_specific, step):
     ctx.meta_opt.zero_grad(set_to_none=True)
     with ctx.autocast():
         d_v, grads, losses = bilevel.soba_step(ctx.model, ctx.weighter, x_S, x_specific, ctx.v,
-                                               ctx.cfg["soba_chunks"], ctx.ranks)
+                                               ctx.cfg["soba_chunks"], ctx.ranks, ctx.cfg["hvp"])
     # v_{t+1} from d_v (the order of v's and α's steps does not change them: each has its own gradient)
     soba_v_update(ctx, d_v, step)
     if ctx.cfg["soba_dalpha_v"] == "t+1":
@@ -1262,7 +1263,8 @@ def check(cfg):
     need(cfg["finetune_lr"] > 0 or not cfg["init_from"], "finetune_lr", "must be positive with --init_from")
     for k, choices in (("method", METHODS), ("filter", ("importance", "without_replacement", "top")),
                        ("soba_v_optim", ("adam", "sgd")), ("doc_mode", ("chunk", "first")),
-                       ("weighter_init", ("default", "reference")), ("soba_dalpha_v", ("t", "t+1"))):
+                       ("weighter_init", ("default", "reference")), ("soba_dalpha_v", ("t", "t+1")),
+                       ("hvp", ("exact", "finite_difference"))):
         need(cfg[k] in choices, k, f"expected one of {', '.join(choices)}")
     need(not METHODS[cfg["method"]].selects or cfg["batch_size"] <= cfg["big_batch_size"], "batch_size",
          f"must be at most --big_batch_size={cfg['big_batch_size']}")
