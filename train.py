@@ -357,8 +357,10 @@ def train_loop(ctx, start, stop):
         p["train_time"], p["seen"] = p["train_time"] + ms[-1] / 1000, p["seen"] + cfg["batch_size"]
         if pretrain:
             p["pretrain_ms"] = p.get("pretrain_ms", 0.0) + ms[-1]        # for summary.json's ms_per_step
-        if out.idx is not None:     # the sources of the examples θ trained on, counted on the device
-            ctx.counts += torch.bincount(ctx.source_train[out.idx], minlength=len(ctx.counts))
+        # the sources of the examples θ trained on, counted on the device: sums of 1.0, exact in float64
+        # (index_add_, not bincount, whose CUDA kernel reads the indices' range back to the host)
+        if out.idx is not None:
+            ctx.counts.index_add_(0, ctx.source_train[out.idx], torch.ones_like(out.idx, dtype=torch.float64))
         done = step + 1
         # α_t for `shuffled` replays (section 6.1), when this run trains α (it has α's optimiser)
         if ctx.meta_opt is not None and ctx.rank == 0 and snapshot_due(done, cfg):

@@ -110,6 +110,7 @@ def test_the_setting_takes_two_values():
     import train
     defaults = {k: getattr(train, k) for k in train.config_keys}
     assert defaults["hvp"] == "exact"           # the README's numbers: the double backward
-    assert train.parse_args(["--hvp=finite_difference", "--device=cpu"], defaults)["hvp"] == "finite_difference"
+    cfg = train.parse_args(["--hvp=finite_difference", "--device=cpu"], defaults)
+    assert cfg["hvp"] == "finite_difference"
     with pytest.raises(train.ConfigError, match="--hvp: expected one of exact, finite_difference"):
         train.parse_args(["--hvp=forward", "--device=cpu"], defaults)
