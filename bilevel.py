@@ -169,7 +169,10 @@ def grad_at(model, theta, x, weights=None):
 
 def dot(a, b):
     """⟨a, b⟩ for two parameter-shaped dicts, in float32 at least (float64 stays float64)."""
-    return sum((a[k].to(torch.promote_types(a[k].dtype, torch.float32)) * b[k]).sum() for k in a)
+    a_up = [t.to(torch.promote_types(t.dtype, torch.float32)) for t in a.values()]
+    # a_k ⊙ b_k for every tensor k in one call (torch._foreach_*: one kernel launch on CUDA, the same
+    # elementwise products), then Σ_k sum(a_k ⊙ b_k) in the order of a
+    return sum(p.sum() for p in torch._foreach_mul(a_up, [b[k] for k in a]))
 
 
 def per_example_dot(model, theta, x, u, mean_grad=False):
@@ -315,8 +318,8 @@ def soba_step(model, weighter, x_generic, x_specific, v, chunks=1, ranks=ONE, hv
     losses, g, Hv, c = soba_terms(model, x_generic, v, chunks, hvp)
     # ∇_θ L_specific(θ) on B_specific
     g_specific, _ = grad_at(model, theta, x_specific)
-    # d_v = H v + ∇L_specific
-    d_v = {k: Hv[k] + g_specific[k] for k in theta}
+    # d_v = H v + ∇L_specific, for all of θ's tensors in one call
+    d_v = dict(zip(theta, torch._foreach_add([Hv[k] for k in theta], [g_specific[k] for k in theta])))
     # d_α = Σ_x ⟨∇ℓ(x; θ), v⟩ ∇_α w(x; α)   (torchrun: g, H v, d_v are uniform means, which the
     # caller averages over the ranks; w is the softmax over the whole S)
     backward_to_alpha(c, batch_softmax(weighter(x_generic), ranks))
@@ -430,8 +433,10 @@ def anograd_step(model, weighter, x_generic, x_specific, ranks=ONE):
     ranks.mean_(list(s.values()))
     g_norm, s_norm = dot(g, g).sqrt(), dot(s, s).sqrt()
     cos = dot(g, s) / (g_norm * s_norm + 1e-12)
-    # q = −∂cos/∂g
-    q = {k: -(s[k] / (g_norm * s_norm + 1e-12) - cos * g[k] / (g_norm ** 2 + 1e-12)) for k in g}
+    # q = −∂cos/∂g = −( s/(‖g‖‖s‖) − cos · g/‖g‖² ), each operation for all of θ's tensors in one call
+    s_term = torch._foreach_div([s[k] for k in g], g_norm * s_norm + 1e-12)               # s/(‖g‖‖s‖)
+    g_term = torch._foreach_div(torch._foreach_mul(list(g.values()), cos), g_norm ** 2 + 1e-12)   # cos g/‖g‖²
+    q = dict(zip(g, torch._foreach_neg(torch._foreach_sub(s_term, g_term))))
     _, c = per_example_dot(model, theta, x_generic, q)                       # (b,) ∂(−cos)/∂w(x)
     backward_to_alpha(c, w)
     return -cos.detach()

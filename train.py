@@ -535,10 +535,9 @@ def soba_v_update(ctx, d_v, step):
     eta = ctx.cfg["soba_v_lr"] or lr_at(step, ctx.cfg)
     ctx.ranks.mean_(list(d_v.values()))          # torchrun: d_v averaged over the ranks
     if ctx.cfg["soba_v_optim"] == "sgd":
-        # paper: v ← v − η d_v
+        # paper: v ← v − η d_v (η d_v, then the subtraction, each for all of v's tensors in one call)
         with torch.no_grad():
-            for k in ctx.v:
-                ctx.v[k] -= eta * d_v[k]
+            torch._foreach_sub_(list(ctx.v.values()), torch._foreach_mul([d_v[k] for k in ctx.v], eta))
         return
     # reference code: v ← v − Adam_η(d_v)
     ctx.v_opt.param_groups[0]["lr"] = eta
@@ -1291,6 +1290,7 @@ def check(cfg):
     # an unknown or unavailable device: one line, before any output; torch.compile only on CUDA
     dev = resolve_device(cfg["device"])
     need(dev.startswith("cuda") or not cfg["compile"], "compile", f"runs on CUDA only (the device is {dev})")
+    need(not (cfg["compile"] and cfg["lisa"]), "compile", "not with --lisa (each block draw would recompile)")
     need(cfg["method"] != "frozen" or cfg["weighter_ckpt"], "weighter_ckpt", "--method=frozen needs a run")
     need(cfg["method"] != "shuffled" or cfg["weighter_trajectory"], "weighter_trajectory",
          "--method=shuffled needs a run dir that saved weighters/")

@@ -185,3 +185,16 @@ def test_the_static_check_flags_what_it_looks_for():
     assert offences("train", "x", "ctx.counts += torch.bincount(i)\nn = t.item()") == [
         "train.x: .item()", "train.x: torch.bincount"]
     assert offences("train", "step_along_grads", "norm.item()") == []
+
+
+# ----------------------------------------------------------------------------------------------
+# --compile and LISA: each block draw changes requires_grad, which breaks torch.compile's guards (a
+# recompilation per draw, then eager after 8 graphs): refused. The device check passes as on a GPU.
+
+def test_compile_is_refused_with_lisa(monkeypatch):
+    monkeypatch.setattr(train, "resolve_device", lambda name: "cuda")
+    defaults = {k: getattr(train, k) for k in train.config_keys}
+    args = ["--method=scalebio", "--compile", "--device=cuda"]
+    assert train.parse_args(args, defaults)["compile"]
+    with pytest.raises(train.ConfigError, match="--compile: not with --lisa"):
+        train.parse_args([*args, "--lisa"], defaults)
