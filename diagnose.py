@@ -985,9 +985,11 @@ def cmd_table(opts, train_argv):
 # second (b · T per step); the cost of scoring B_generic^big with α as a fraction of a baseline step
 # (section 4: the weighting network must be cheap next to the main model); and on known GPUs the
 # model FLOPs utilisation
-#   MFU ≈ 6 · n_params · (b · T bytes trained per step) / (step time) / (the GPU's peak bf16 FLOP/s)
-# (6 FLOPs per parameter and trained byte: forward 2, backward 4; attention and the bilevel
-# methods' extra passes are not counted, so for those it is the useful share of the work).
+#   MFU ≈ (6 · n_params + 12 · L · d · T) · (b · T bytes trained per step) / (step time) / (peak bf16 FLOP/s)
+# (6 FLOPs per parameter and trained byte: forward 2, backward 4; and attention's two T × T matmuls,
+# QKᵀ and AV, 2 · 2 · d · T FLOPs per byte and layer forward, ×3 with the backward, as PaLM's appendix B
+# counts them (the causal mask's skipped half counted too); the bilevel methods' extra passes are not
+# counted, so for those it is the useful share of the work).
 
 BENCH_OPTIONS = dict(
     methods=("baseline,mixing,dds,soba,anograd,classifier,ltr,mwn,scalebio", "train.py methods to time"),
@@ -1090,13 +1092,15 @@ def bench_result(ctx, ms, ms_base, score_ms, first, peak, n_params):
     t, t_base = float(np.median(ms)), float(np.median(ms_base))
     s = None if score_ms is None else float(np.median(score_ms))
     bytes_per_step = ctx.cfg["batch_size"] * ctx.cfg["seq_len"]           # b · T bytes trained on per step
+    # FLOPs per trained byte: 6 per parameter, 12 · L · d · T for attention's QKᵀ and AV (forward, backward)
+    flops_per_byte = 6 * n_params + 12 * ctx.cfg["n_layer"] * ctx.cfg["n_embd"] * ctx.cfg["seq_len"]
     return dict(ms_per_step=t, ms_per_step_rounds=ms, ratio=t / t_base,
                 # the ratio within each round (one spell of the machine): how far to trust "ratio"
                 ratio_rounds=[a / b for a, b in zip(ms, ms_base)], step_memory_mb=step_peak_mb(ctx, first),
                 trained_bytes_per_s=bytes_per_step / (t / 1000), score_ms=s,
                 score_fraction=None if s is None else s / t_base,
-                # MFU ≈ 6 · n_params · b · T / (t / 1000) / (peak · 10¹²), t in ms and peak in TFLOP/s
-                mfu=None if peak is None else 6 * n_params * bytes_per_step / t / peak / 1e9)
+                # MFU ≈ FLOPs per byte · b · T / (t / 1000) / (peak · 10¹²), t in ms and peak in TFLOP/s
+                mfu=None if peak is None else flops_per_byte * bytes_per_step / t / peak / 1e9)
 
 
 def bench(train_argv, methods, steps, warmup, rounds):

@@ -117,6 +117,7 @@ soba_v_optim = "adam"   # "adam": Adam on v at the main lr (reference code); "sg
 soba_v_lr = 0.0         # η for v; 0 = the main model's lr schedule
 soba_chunks = 1         # SOBA's second-order pass in this many micro-batches: same numbers, less memory
 soba_dalpha_v = "t"     # d_α from v_t (the pass of d_v) or "t+1", v updated first (reference; one more pass)
+hvp = "exact"           # SOBA's H v: "exact" (double backward) or "finite_difference" (2 FP32 gradients)
 filter = "without_replacement"  # importance | without_replacement | top (paper Table 7)
 outer_every = 1         # run the outer update every k steps (1 = every step, the paper)
 # --- baselines
@@ -360,8 +361,10 @@ def train_loop(ctx, start, stop):
         p["train_time"], p["seen"] = p["train_time"] + ms[-1] / 1000, p["seen"] + cfg["batch_size"]
         if pretrain:
             p["pretrain_ms"] = p.get("pretrain_ms", 0.0) + ms[-1]        # for summary.json's ms_per_step
-        if out.idx is not None:     # the sources of the examples θ trained on, counted on the device
-            ctx.counts += torch.bincount(ctx.source_train[out.idx], minlength=len(ctx.counts))
+        # the sources of the examples θ trained on, counted on the device: sums of 1.0, exact in float64
+        # (index_add_, not bincount, whose CUDA kernel reads the indices' range back to the host)
+        if out.idx is not None:
+            ctx.counts.index_add_(0, ctx.source_train[out.idx], torch.ones_like(out.idx, dtype=torch.float64))
         done = step + 1
         # α_t for `shuffled` replays (section 6.1), when this run trains α (it has α's optimiser)
         if ctx.meta_opt is not None and ctx.rank == 0 and snapshot_due(done, cfg):
@@ -473,7 +476,7 @@ def outer_soba(ctx, x_S, x_specific, step):
     ctx.meta_opt.zero_grad(set_to_none=True)
     with ctx.autocast():
         d_v, grads, losses = bilevel.soba_step(ctx.model, ctx.weighter, x_S, x_specific, ctx.v,
-                                               ctx.cfg["soba_chunks"], ctx.ranks)
+                                               ctx.cfg["soba_chunks"], ctx.ranks, ctx.cfg["hvp"])
     # v_{t+1} from d_v (the order of v's and α's steps does not change them: each has its own gradient)
     soba_v_update(ctx, d_v, step)
     if ctx.cfg["soba_dalpha_v"] == "t+1":
@@ -536,10 +539,9 @@ def soba_v_update(ctx, d_v, step):
     eta = ctx.cfg["soba_v_lr"] or lr_at(step, ctx.cfg)
     ctx.ranks.mean_(list(d_v.values()))          # torchrun: d_v averaged over the ranks
     if ctx.cfg["soba_v_optim"] == "sgd":
-        # paper: v ← v − η d_v
+        # paper: v ← v − η d_v (η d_v, then the subtraction, each for all of v's tensors in one call)
         with torch.no_grad():
-            for k in ctx.v:
-                ctx.v[k] -= eta * d_v[k]
+            torch._foreach_sub_(list(ctx.v.values()), torch._foreach_mul([d_v[k] for k in ctx.v], eta))
         return
     # reference code: v ← v − Adam_η(d_v)
     ctx.v_opt.param_groups[0]["lr"] = eta
@@ -1267,7 +1269,8 @@ def check(cfg):
     need(cfg["finetune_lr"] > 0 or not cfg["init_from"], "finetune_lr", "must be positive with --init_from")
     for k, choices in (("method", METHODS), ("filter", ("importance", "without_replacement", "top")),
                        ("soba_v_optim", ("adam", "sgd")), ("doc_mode", ("chunk", "first")),
-                       ("weighter_init", ("default", "reference")), ("soba_dalpha_v", ("t", "t+1"))):
+                       ("weighter_init", ("default", "reference")), ("soba_dalpha_v", ("t", "t+1")),
+                       ("hvp", ("exact", "finite_difference"))):
         need(cfg[k] in choices, k, f"expected one of {', '.join(choices)}")
     need(not METHODS[cfg["method"]].selects or cfg["batch_size"] <= cfg["big_batch_size"], "batch_size",
          f"must be at most --big_batch_size={cfg['big_batch_size']}")
@@ -1292,6 +1295,7 @@ def check(cfg):
     # an unknown or unavailable device: one line, before any output; torch.compile only on CUDA
     dev = resolve_device(cfg["device"])
     need(dev.startswith("cuda") or not cfg["compile"], "compile", f"runs on CUDA only (the device is {dev})")
+    need(not (cfg["compile"] and cfg["lisa"]), "compile", "not with --lisa (each block draw would recompile)")
     need(cfg["method"] != "frozen" or cfg["weighter_ckpt"], "weighter_ckpt", "--method=frozen needs a run")
     need(cfg["method"] != "shuffled" or cfg["weighter_trajectory"], "weighter_trajectory",
          "--method=shuffled needs a run dir that saved weighters/")
