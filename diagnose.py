@@ -38,10 +38,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import bilevel
-import data
-import train
-import weighter
+import bilevel, data, train, weighter
 from model import CONFIG_KEYS
 from weighter import Weighter, score
 
@@ -68,8 +65,7 @@ def need(ok, message):
 
 def parse_options(argv, table, sub, train_settings):
     """argv → (options, [--key=value strings for train.py]), or a one-line DiagnoseError."""
-    opts = {key: default for key, (default, _) in table.items()}
-    passthrough = []
+    opts, passthrough = {key: default for key, (default, _) in table.items()}, []
     see = f"of `{sub}` (see python diagnose.py {sub} --help)"
     for arg in argv:
         need(arg.startswith("--"), f"{arg}: expected --key=value {see}")
@@ -214,8 +210,8 @@ def bootstrap_over_draws(ind, n_boot=2000, seed=0):
     """95% percentile interval of the mean of ind (draws, n), resampling whole draws: the n
     indicators of one draw share the same two batches, so they are not independent."""
     per_draw = ind.float().mean(1)                                            # (draws,)
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(per_draw), (n_boot, len(per_draw)), generator=g)  # (n_boot, draws)
+    # (n_boot, draws): the draws of each resample, drawn with replacement
+    idx = torch.randint(len(per_draw), (n_boot, len(per_draw)), generator=torch.Generator().manual_seed(seed))
     means = per_draw[idx].mean(1)                                             # (n_boot,)
     return torch.quantile(means, 0.025).item(), torch.quantile(means, 0.975).item()
 
@@ -300,12 +296,16 @@ def cmd_sar(opts, train_argv):
 # -----------------------------------------------------------------------------------------------
 # documents: a corpus streamed file by file, record by record, never whole in memory (for select)
 
-def documents(spec, flag="--input"):
-    """(bytes, source, split, text) of every non-empty document of a corpus spec, in train.py's
-    reading order: `text` as read (what select writes out), `bytes` its normalised encoding (what
-    the models read). data.read_documents reads them, so the same files and records pass."""
-    for path in data.resolve_files(spec, flag):
-        yield from data.read_documents(path, with_text=True)
+def documents(spec, chosen, n_max):
+    """(index, (bytes, source, split, text)) of the non-empty documents of a corpus spec, in train.py's
+    reading order: those whose index is in the set `chosen`, or (chosen None) the first n_max (0: all).
+    `text` as read (what select writes out), `bytes` its normalised encoding (what the models read).
+    data.read_documents reads them, so the same files and records pass."""
+    files = data.resolve_files(spec, "--input")
+    docs = enumerate(itertools.chain.from_iterable(data.read_documents(f, with_text=True) for f in files))
+    if chosen is not None:
+        docs = ((i, d) for i, d in docs if i in chosen)
+    return itertools.islice(docs, n_max or None)
 
 
 def doc_windows(b, seq_len, how):
@@ -528,20 +528,6 @@ def check_select(opts):
     need(opts["overwrite"] or not os.path.exists(out), f"--output: {opts['output']} exists (--overwrite)")
 
 
-def progress(docs, what):
-    """A tqdm bar over documents (shown on a terminal only)."""
-    return tqdm(docs, desc=what, unit="doc", leave=False, disable=None)
-
-
-def numbered_documents(spec, chosen, n_max):
-    """(index, document) of the documents read, in reading order: those whose index is in the set
-    `chosen`, or (chosen None) the first n_max of the corpus (0: all)."""
-    docs = enumerate(documents(spec))
-    if chosen is not None:
-        docs = ((i, d) for i, d in docs if i in chosen)
-    return itertools.islice(docs, n_max or None)
-
-
 def selection_report(opts, keep, per_source, n_docs):
     """Every input source's share of the selected documents against its share of the input, the most
     enriched first (the top 20 and bottom 5 of many)."""
@@ -567,17 +553,19 @@ def cmd_select(opts, _):
     # α's windows: seq_len bytes, as the run it comes from trained it
     seq_len = st.get("config", {}).get("seq_len", train_defaults()["seq_len"])
     n_max, chosen = opts["max_docs"], None
-    if n_max and not opts["first_docs"]:   # pass 0 counts the N documents: n_max of them, drawn uniformly
-        n = sum(1 for _ in progress(documents(opts["input"]), "counting"))
-        chosen = set(random.Random(opts["seed"]).sample(range(n), min(n, n_max)))     # O(n_max) memory
+    drawn = n_max and not opts["first_docs"]     # n_max documents drawn uniformly over the whole input
+    # pass 0 counts the documents: all N of them to draw from, or the first n_max (0: all); a tqdm bar
+    # over the documents, as in pass 1, is shown on a terminal only
+    counted = documents(opts["input"], None, 0 if drawn else n_max)
+    n_docs = sum(1 for _ in tqdm(counted, desc="counting", unit="doc", leave=False, disable=None))
+    if drawn:
+        chosen = set(random.Random(opts["seed"]).sample(range(n_docs), min(n_docs, n_max)))  # O(n_max) memory
         n_docs = len(chosen)
-    else:                                  # the first n_max documents (0: all), counted
-        n_docs = sum(1 for _ in progress(numbered_documents(opts["input"], None, n_max), "counting"))
     # pass 1: every document scored, the k with the largest keys kept (TopK)
     top, per_source = TopK(opts["sample"] or math.ceil(opts["fraction"] * n_docs)), Counter()
-    gen, docs = torch.Generator().manual_seed(opts["seed"]), numbered_documents(opts["input"], chosen, n_max)
+    gen, docs = torch.Generator().manual_seed(opts["seed"]), documents(opts["input"], chosen, n_max)
     scored = score_documents(alpha, docs, seq_len, opts["doc_score"], opts["batch"])
-    for i, src, s in progress(scored, "score"):
+    for i, src, s in tqdm(scored, desc="score", unit="doc", leave=False, disable=None):
         per_source[src] += 1
         key = s
         if opts["mode"] == "sample":    # key = s + G, G = −log(−log U), U ~ Uniform(0, 1), a Gumbel draw
@@ -587,7 +575,7 @@ def cmd_select(opts, _):
 
     def write(tmp):           # pass 2: the kept documents, in reading order, as JSON lines
         with opener(tmp, "wt", encoding="utf-8") as f:
-            for i, (_, src, split, text) in numbered_documents(opts["input"], chosen, n_max):
+            for i, (_, src, split, text) in documents(opts["input"], chosen, n_max):
                 if i in keep:
                     rec = {"text": text, "source": src, "split": split, "score": keep[i][0]}
                     f.write(json.dumps(rec) + "\n")
@@ -669,16 +657,6 @@ def run_info(run):
                 finetuned=summ.get("specific_test_loss_finetuned"))
 
 
-def data_difference(cfg, base):
-    """The first setting that changes the specific data or its evaluation (runs that differ in one have
-    other losses) in which the config cfg differs from base, or None. The seed too where it draws the
-    specific documents: the specific_train_docs subset, the built-in corpus."""
-    keys = ("specific", "specific_train_docs", "doc_mode", "seq_len", "eval_examples")
-    if base["specific_train_docs"] or not base["specific"]:
-        keys += ("seed",)
-    return next((k for k in keys if cfg[k] != base[k]), None)
-
-
 def compare_rows(info, reach, base):
     """Each run's numbers and its table row: final losses, steps and seconds to the target, speedups."""
     numbers, rows = {}, []
@@ -692,8 +670,7 @@ def compare_rows(info, reach, base):
         losses = [fmt(r[k]) for k in ("specific_valid_loss", "specific_test_loss", "finetuned")]
         reached = [fmt(steps, ".0f", "not reached"), fmt(secs, ".1f", "not reached")]
         rows.append([run + " (baseline)" if run == base else run, r["method"], fmt(r["steps"], "d"), *losses,
-                     fmt(r["ms_per_step"], ".1f"), *reached]
-                    + [f"{v:.2f}x" if v else "—" for v in speedup])
+                     fmt(r["ms_per_step"], ".1f"), *reached, *[f"{v:.2f}x" if v else "—" for v in speedup]])
     return numbers, rows
 
 
@@ -710,9 +687,8 @@ def write_comparison(out, text, numbers, info):
     for run, r in info.items():
         at = losses_at(r["records"], key)
         curves[f"{r['method']}: {os.path.basename(os.path.normpath(run))}"] = (list(at), list(at.values()))
-    if numbers["reference"]:
+    if rows := numbers["reference"]:
         # the authors' SOBA / baseline ratio drawn on the baseline: where a run on their trajectory would be
-        rows = numbers["reference"]
         curves["the baseline × the authors' SOBA / baseline"] = ([r[0] for r in rows], [r[1] for r in rows])
     plot(stem + ".png", [("pretraining; target: the baseline's final", key, curves, numbers["target"])])
 
@@ -746,11 +722,16 @@ def cmd_compare(opts, _):
     info = {run: run_info(run) for run in dict.fromkeys(runs + [opts["baseline"]]) if run}     # read once
     base = opts["baseline"] or next((r for r in runs if info[r]["method"] == "baseline"), None)
     need(base, "--baseline: no run of --runs has method baseline; name one with --baseline=RUN")
-    for run, r in info.items():      # the specific data and its evaluation: the baseline's
-        k, cfg = data_difference(r["cfg"], info[base]["cfg"]), info[base]["cfg"]
-        if k is not None and not opts["force"]:
-            raise DiagnoseError(f"{run}: {k}={r['cfg'][k]!r}, the baseline's {k}={cfg[k]!r}: other specific "
-                                f"data or evaluation; --force compares anyway")
+    # every run's specific data and its evaluation: the baseline's (runs that differ in one of the settings
+    # that change them have other losses). The seed too where it draws the specific documents: the
+    # specific_train_docs subset, the built-in corpus. The first setting that differs is named.
+    cfg, keys = info[base]["cfg"], ("specific", "specific_train_docs", "doc_mode", "seq_len", "eval_examples")
+    if cfg["specific_train_docs"] or not cfg["specific"]:
+        keys += ("seed",)
+    for run, r in info.items():
+        for k in keys:
+            need(opts["force"] or r["cfg"][k] == cfg[k], f"{run}: {k}={r['cfg'][k]!r}, the baseline's "
+                 f"{k}={cfg[k]!r}: other specific data or evaluation; --force compares anyway")
     key, horizon = opts["metric"], opts["horizon"]
     need(any(key in rec for rec in info[base]["records"]), f"--metric: no {key!r} in {base}/log.jsonl")
     at_base = losses_at(info[base]["records"], key)
@@ -811,10 +792,7 @@ def run_all(todo, jobs):
     Ctrl-C (or SIGINT) reaches the running train.py processes, which checkpoint and exit; no new
     run starts, and rerunning the command continues where they stopped."""
     env = None if jobs == 1 else dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // jobs)))
-    status, running, queue, t0 = {}, {}, list(todo), time.time()
-
-    def log(what):
-        print(f"[{time.time() - t0:6.0f}s] {what}", flush=True)
+    status, running, queue, t0 = {}, {}, list(todo), time.time()     # t0: each start and end is timed from it
     while queue or running:
         try:
             while queue and len(running) < jobs:
@@ -825,12 +803,12 @@ def run_all(todo, jobs):
                 running[label] = subprocess.Popen(cmd, stdout=out, stderr=stderr, env=env)
                 if out is not None:      # the child writes through its own copy of the file
                     out.close()
-                log(f"start {label}: " + " ".join(cmd[1:]))
+                print(f"[{time.time() - t0:6.0f}s] start {label}: " + " ".join(cmd[1:]), flush=True)
             time.sleep(0.2)
             for label, proc in list(running.items()):
                 if proc.poll() is not None:
                     status[label] = running.pop(label).returncode
-                    log(f"end   {label}: status {proc.returncode}")
+                    print(f"[{time.time() - t0:6.0f}s] end   {label}: status {proc.returncode}", flush=True)
         except KeyboardInterrupt:    # no new run; the running ones checkpoint and exit
             queue.clear()
             for proc in running.values():
@@ -847,10 +825,9 @@ def mean_std(values):
 
 
 def pm(m, s):
-    """mean ± std in a table cell (the mean alone with one seed, — with none)."""
-    if m is None:
-        return "—"
-    return f"{m:.3f}" if s is None else f"{m:.3f} ± {s:.3f}"
+    """mean ± std in a table cell (the mean alone with one seed, — with none: mean_std gives a std
+    only with a mean)."""
+    return fmt(m) if s is None else f"{m:.3f} ± {s:.3f}"
 
 
 def assemble(out_dir, methods, seeds):
@@ -910,17 +887,6 @@ def plan_runs(methods, seeds, sets, train_argv):
     return todo
 
 
-def run_notes(status):
-    """A note for every run that did not finish: {label: train.py's exit status} → [note]."""
-    notes = []
-    for label, rc in status.items():
-        if rc in (130, 143):    # stopped by a signal: train.py checkpointed, and a rerun continues it
-            notes.append(f"interrupted during {label}; rerun the same command to continue")
-        elif rc != 0:
-            notes.append(f"{label}: train.py exited with status {rc}")
-    return notes
-
-
 def table2(results):
     """Table 2 from {"": assemble's numbers}: a row per method → (caption, header, rows, the numbers
     table.json holds)."""
@@ -963,7 +929,12 @@ def cmd_table(opts, train_argv):
     if not opts["assemble_only"]:
         need(opts["jobs"] >= 1, f"--jobs: must be at least 1, got {opts['jobs']}")
         status = run_all(plan_runs(methods, seeds, sets, train_argv), opts["jobs"])
-    notes = run_notes(status)
+    notes = []                  # one for every run that did not finish, from train.py's exit status
+    for label, rc in status.items():
+        if rc in (130, 143):    # stopped by a signal: train.py checkpointed, and a rerun continues it
+            notes.append(f"interrupted during {label}; rerun the same command to continue")
+        elif rc != 0:
+            notes.append(f"{label}: train.py exited with status {rc}")
     # {set: {method: numbers}}
     results = {name: assemble(out_dir, methods, seeds) for name, out_dir, _ in sets}
     what, header, rows, numbers = (table3 if opts["specifics"] else table2)(results)
@@ -1030,34 +1001,29 @@ def is_cuda(device):
     return torch.device(device).type == "cuda"
 
 
-
-def sync(device):
-    """Wait for the GPU's queued work before reading the clock (nothing to wait for on a CPU)."""
-    if is_cuda(device):
-        torch.cuda.synchronize(device)
-
-
 def ms_per_call(fn, n, device, warmup=1):
-    """Wall-clock ms of fn(), averaged over n calls after `warmup` untimed ones (CUDA synchronised)."""
+    """Wall-clock ms of fn(), averaged over n calls after `warmup` untimed ones. On a GPU the clock is
+    read once its queued work is done (nothing to wait for on a CPU)."""
     for _ in range(warmup):
         fn()
-    sync(device)
+    if is_cuda(device):
+        torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     for _ in range(n):
         fn()
-    sync(device)
+    if is_cuda(device):
+        torch.cuda.synchronize(device)
     return (time.perf_counter() - t0) / n * 1000
 
 
 def step_peak_mb(ctx, first):
     """Peak memory of `outer_every` consecutive steps from step `first` (a multiple of outer_every,
     so the outer update is among them), above what was allocated before them, MB."""
-    k = ctx.cfg["outer_every"]
     if not is_cuda(ctx.device):
-        return cpu_peak_mb(lambda: run_steps(ctx, first, k))
+        return cpu_peak_mb(lambda: run_steps(ctx, first, ctx.cfg["outer_every"]))
     before = torch.cuda.memory_allocated(ctx.device)    # the allocator's counts: kept on the host, no sync
     torch.cuda.reset_peak_memory_stats(ctx.device)
-    run_steps(ctx, first, k)
+    run_steps(ctx, first, ctx.cfg["outer_every"])
     return (torch.cuda.max_memory_allocated(ctx.device) - before) / 2**20
 
 
@@ -1107,10 +1073,9 @@ def bench(train_argv, methods, steps, warmup, rounds):
     """Time `methods` side by side in this process → ({method: numbers}, {the facts of the timing})."""
     ctxs = {}                      # every method with its own model, data and optimiser
     for m in methods:
-        argv = train_argv + [f"--method={m}"]
-        if m == "cds":     # CDS: time its selecting steps; its uniform phase (i) is the first step only
-            argv.append("--cds_pretrain_steps=1")
-        ctxs[m] = train.setup(train.parse_args(argv, train_defaults()))
+        # CDS: time its selecting steps; its uniform phase (i) is the first step only
+        cds = ["--cds_pretrain_steps=1"] if m == "cds" else []
+        ctxs[m] = train.setup(train.parse_args(train_argv + [f"--method={m}"] + cds, train_defaults()))
     base = ctxs["baseline"]
     cfg, dev, k, name = base.cfg, base.device, base.cfg["outer_every"], device_name(base.device)
     warm, n = k * math.ceil(warmup / k), k * math.ceil(steps / k)       # whole cycles of k steps
@@ -1216,15 +1181,13 @@ def cmd_gpucheck(opts, train_argv):
     res, facts = bench(argv, ["baseline", "soba", "dds", "anograd"], opts["bench_steps"],
                        opts["bench_warmup"], rounds=1)                                            # (3)
     cfg = facts.pop("cfg")
-    report = dict(**facts, torch_version=torch.__version__, cuda_version=torch.version.cuda, tests=tests,
-                  **{k: cfg[k] for k in ("batch_size", "big_batch_size", "seq_len", "outer_every")},
-                  preset=opts["preset"], train=runs, methods=res, wall_s=time.time() - t0)
     out = opts["out"] or os.path.join(run_dir, "gpucheck.json")
-    save(out, report)
+    save(out, dict(**facts, torch_version=torch.__version__, cuda_version=torch.version.cuda, tests=tests,
+                   **{k: cfg[k] for k in ("batch_size", "big_batch_size", "seq_len", "outer_every")},
+                   preset=opts["preset"], train=runs, methods=res, wall_s=time.time() - t0))    # the report
     print(f"\n{facts['device']} | torch {torch.__version__} | CUDA {torch.version.cuda} | b = "
           f"{cfg['batch_size']}, |B| = {cfg['big_batch_size']} | report: {out}")
-    failed = tests["failed"] or tests["errors"] or any(r["exit_status"] for r in runs.values())
-    return 1 if failed else 0
+    return 1 if tests["failed"] or tests["errors"] or any(r["exit_status"] for r in runs.values()) else 0
 
 
 # -----------------------------------------------------------------------------------------------
