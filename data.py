@@ -98,13 +98,6 @@ def encode(text: str) -> bytes:
     return text.encode("utf-8", errors="replace")
 
 
-def _n_bad(text: str, b: bytes) -> int:
-    # characters that real text hardly ever contains: NULs, other control
-    # characters, and U+FFFD (what undecodable bytes turn into). b = encode(text)
-    ctrl = np.count_nonzero(np.frombuffer(b, np.uint8) < 32)
-    return text.count("\0") + ctrl + b.count("\ufffd".encode())
-
-
 def hash_split(b: bytes) -> str:
     """Deterministic 80/10/10 split of a document from its (normalised) bytes.
     Identical documents always land in the same split (no train/test leak)."""
@@ -124,14 +117,12 @@ def windows(b: bytes, seq_len: int, doc_mode: str) -> tuple[bytes, int]:
     most of the text: a generic set of ~16k documents (~58 MB) gives only ~16k
     examples with "first", but ~250k at seq_len=256 with "chunk". The paper's
     C4 has ~30M documents, so "first 256 bytes" still leaves it a huge pool."""
-    L = seq_len
     if doc_mode == "first":
-        return b[:L] + bytes(max(0, L - len(b))), 1
-    n_full, rem = divmod(len(b), L)
-    keep_last = rem > 0 and (rem >= L // 4 or n_full == 0)
-    if keep_last:
-        return b + bytes(L - rem), n_full + 1
-    return b[: n_full * L], n_full
+        return b[:seq_len] + bytes(max(0, seq_len - len(b))), 1
+    n_full, rem = divmod(len(b), seq_len)
+    if rem > 0 and (rem >= seq_len // 4 or n_full == 0):     # keep the last, partial window
+        return b + bytes(seq_len - rem), n_full + 1
+    return b[: n_full * seq_len], n_full
 
 
 # -----------------------------------------------------------------------------
@@ -151,12 +142,9 @@ def resolve_files(spec: str, flag: str = "--generic") -> list[str]:
     files = []
     for part in parts:
         p = os.path.expanduser(part)
+        matches = [p] if os.path.exists(p) else []
         if glob.has_magic(p):
             matches = sorted(glob.glob(p, recursive=True))
-        elif os.path.exists(p):
-            matches = [p]
-        else:
-            matches = []
         if not matches:
             raise DataError(f"{flag}: no such file or directory: {part}")
         found = []
@@ -177,19 +165,16 @@ def _decode(raw: bytes) -> tuple[str, int]:
     return text, text.count("\ufffd") - raw.count("\ufffd".encode())
 
 
-def _read_txt(path: str, progress=None):
-    # one document per file; yields (text, source, split, n invalid) like _read_jsonl (progress: the caller's)
-    with open(path, "rb") as f:
-        text, n_invalid = _decode(f.read())
-    name = os.path.basename(path)[: -len(".txt")]
-    yield text, name, None, n_invalid
-
-
-def _read_jsonl(path: str, progress=None):
-    # one JSON record per line: {"text": str, "source": str?, "split": str?}
+def _records(path: str, progress=None):
+    # yields (text, source, split, n invalid) for each record of a file: a .txt file is one document (its
+    # source: the file name); a .jsonl one JSON record per line: {"text": str, "source": str?, "split": str?}
     name = os.path.basename(path)[: -len(_suffix(path))]
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
+        if path.endswith(".txt"):
+            text, n_invalid = _decode(f.read())
+            yield text, name, None, n_invalid
+            return
         raw, at = getattr(f, "fileobj", f), 0      # the file on disk (under gzip): bytes read = raw.tell()
         for lineno, line in enumerate(f, 1):
             if progress is not None and lineno % 4096 == 0:
@@ -213,8 +198,7 @@ def _read_jsonl(path: str, progress=None):
             yield rec["text"], source, split, n_invalid
 
 
-def read_documents(path: str, with_text: bool = False, hash_splits: bool = True, skip_empty: bool = False,
-                   progress=None, warn=print):
+def read_documents(path, with_text=False, hash_splits=True, skip_empty=False, progress=None, warn=print):
     """Yields (bytes, source, split) for each non-empty document of one file;
     split is one of SPLITS (a record's own "split", else the hash split; with
     hash_splits=False, None when the record gives none). Any problem becomes a
@@ -227,12 +211,15 @@ def read_documents(path: str, with_text: bool = False, hash_splits: bool = True,
     receives the warnings (a prepared copy keeps them, to repeat them when it is mapped)."""
     if not _suffix(path):
         raise DataError(f"{path}: unsupported file type (expected .txt, .jsonl or .jsonl.gz)")
-    reader = _read_txt if path.endswith(".txt") else _read_jsonl
     n_chars = n_bad = n_docs = n_replaced = 0
     try:
-        for text, source, split, n_invalid in reader(path, progress):
+        for text, source, split, n_invalid in _records(path, progress):
             b = encode(text)
-            n_chars, n_bad = n_chars + len(text), n_bad + _n_bad(text, b)
+            n_chars += len(text)
+            # characters that real text hardly ever contains: NULs, other control characters (bytes < 32
+            # once encoded), and U+FFFD (what undecodable bytes turn into)
+            n_bad += text.count("\0") + b.count("\ufffd".encode())
+            n_bad += np.count_nonzero(np.frombuffer(b, np.uint8) < 32)
             n_replaced += n_invalid
             if not b or b.isspace():
                 continue  # empty documents give no examples
@@ -258,8 +245,7 @@ def _one_line(e) -> str:
     return " ".join(str(e).split())
 
 
-def load_corpus(spec: str, seq_len: int, doc_mode: str = "chunk", flag: str = "--generic",
-                cache: str = "off", workers: int = 0) -> Corpus:
+def load_corpus(spec, seq_len, doc_mode="chunk", flag="--generic", cache="off", workers=0) -> Corpus:
     """Read every file of `spec` (see resolve_files) into a byte-level Corpus.
     Sources are sorted by name; doc_id counts documents in reading order over
     all files and splits; doc_hash holds 64 bits of the MD5 of each document's bytes, by doc id
@@ -294,8 +280,7 @@ def load_corpus(spec: str, seq_len: int, doc_mode: str = "chunk", flag: str = "-
 FORMAT = 2          # the copy's layout and split rule: a new value rebuilds every prepared copy
 POOLS = "adaptive-training-pools"   # the cache's subdirectory
 BLOCK = 1 << 22     # bytes of windows buffered before a write, and copied at a time (bounded memory)
-IDS = ("source_id", "doc_id")
-NAMES = [f"{s}.{k}" for s in SPLITS for k in ("x", *IDS)] + ["doc_hash"]   # a store's arrays
+NAMES = [f"{s}.{k}" for s in SPLITS for k in ("x", "source_id", "doc_id")] + ["doc_hash"]   # a store's arrays
 
 
 def cache_root(cache: str) -> str:
@@ -303,8 +288,7 @@ def cache_root(cache: str) -> str:
     return os.path.expanduser(cache or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", POOLS))
 
 
-def load_prepared(files: list, spec: str, seq_len: int, doc_mode: str, flag: str, root: str,
-                  workers: int = 0) -> Corpus:
+def load_prepared(files, spec, seq_len, doc_mode, flag, root, workers=0) -> Corpus:
     """load_corpus(spec, ...) from its prepared copy under root, built first when it is missing or stale
     (an input's size or modification time, a setting or FORMAT changed). One process builds, under a file
     lock; one that comes while it builds waits, then maps the new copy."""
@@ -386,7 +370,7 @@ def _split(store, split: str, seq_len: int) -> list:
 
 
 def _corpus(store, m: dict, seq_len: int, spec: str) -> Corpus:
-    # the Corpus that _rows wrote in store (m: what it returned); its readers' warnings, on every load
+    # the Corpus that _join wrote in store (m: what it returned); its readers' warnings, on every load
     for warning in m["warnings"]:
         print(warning)
     splits = [_examples(*_split(store, s, seq_len), m["sources"]) for s in SPLITS]
@@ -397,15 +381,14 @@ def _prepare_file(path: str, part, seq_len: int, doc_mode: str, skip_empty: bool
     """One file's documents into the store `part` (SPLIT.{x,source_id,doc_id}, doc_hash), streaming, each
     cut into windows. Returns what joining the parts needs: the file's sources (first-seen order), its
     documents, its rows per split, the sources with a train document, and, per source, its hash-split
-    valid/test documents (how many; where the first is: split, row, windows): the small-set rule (_moved);
+    valid/test documents (how many; where the first is: split, row, windows): the small-set rule (_join);
     and read_documents' warnings."""
     rows = dict.fromkeys(SPLITS, 0)
     names, in_train, held, n_docs, warnings = {}, set(), {}, 0, []
     with contextlib.ExitStack() as stack:
         out = {name: _sink(stack, part, name) for name in NAMES}
-        docs = read_documents(path, hash_splits=False, skip_empty=skip_empty, progress=progress,
-                              warn=warnings.append)
-        for b, source, given in docs:
+        for b, source, given in read_documents(path, hash_splits=False, skip_empty=skip_empty,
+                                               progress=progress, warn=warnings.append):
             split = given or hash_split(b)
             k = names.setdefault(source, len(names))
             chunk, n = windows(b, seq_len, doc_mode)
@@ -445,41 +428,16 @@ def _prepare_parts(files: list, parts: list, seq_len: int, doc_mode: str, worker
 
 def _join(results: list, parts: list, out, seq_len: int, where: str) -> dict:
     """The parts into the store `out`, rows in load_corpus's order: each split's documents in file order,
-    then the documents the small-set rule moves to train (_moved) at the end of train. Source ids become
+    then the documents the small-set rule moves to train at the end of train. Source ids become
     indices into the sorted names, doc ids count documents over all files. Returns the sources, the rows
     per split and the readers' warnings; no training row is an error (where: "--flag: spec")."""
     names = list(dict.fromkeys(n for r in results for n in r["names"]))      # first-seen order over files
     sources = sorted(names)               # sorted source names, so ids do not depend on file order
     remaps = [np.array([sources.index(n) for n in r["names"]], dtype=np.int64) for r in results]
     first_doc = np.cumsum([0] + [r["n_docs"] for r in results])              # each file's first doc id
-    moved = _moved(results, names)                                            # [(part, split, row, n)]
-    rows = {}
-    with contextlib.ExitStack() as stack:
-        dst = {name: _sink(stack, out, name) for name in NAMES}
-        for split in SPLITS:
-            to = [dst[f"{split}.{k}"] for k in ("x", *IDS)]
-            for p, r in enumerate(results):
-                # the part's rows [lo, row), then the n rows of a document moved to train are skipped
-                skip = sorted((row, n) for q, s, row, n in moved if (q, s) == (p, split))
-                lo = 0
-                for row, n in skip + [(r["rows"][split], 0)]:
-                    _copy_rows(to, _split(parts[p], split, seq_len), lo, row, remaps[p], first_doc[p])
-                    lo = row + n
-            if split == "train":
-                for p, s, row, n in moved:
-                    _copy_rows(to, _split(parts[p], s, seq_len), row, row + n, remaps[p], first_doc[p])
-            rows[split] = to[1].tell() // 8
-        for part in parts:               # the documents' hashes, by doc id: the files' in file order
-            dst["doc_hash"].write(_array(part, "doc_hash", np.uint8))
-    if rows["train"] == 0:
-        raise DataError(f"{where}: no training examples ({first_doc[-1]} documents, none in the train split)")
-    return {"sources": sources, "rows": rows, "warnings": [w for r in results for w in r["warnings"]]}
-
-
-def _moved(results: list, names: list) -> list:
-    """Small document sets: a source with >= 2 documents, none of which hashed into train, gets its first
-    (lowest doc id) hash-split one moved to train (otherwise it would never be trained on); a split given
-    in a .jsonl record is kept. On the parts' summaries: [(part, split, row, n)]."""
+    # the small-set rule: a source with >= 2 documents, none of which hashed into train, gets its first
+    # (lowest doc id) hash-split one moved to train (otherwise it would never be trained on); a split given
+    # in a .jsonl record is kept. From the parts' summaries: moved = [(part, split, row, n)]
     k_of = {n: k for k, n in enumerate(names)}
     in_train, count, first = set(), {}, {}
     for p, r in enumerate(results):
@@ -489,13 +447,33 @@ def _moved(results: list, names: list) -> list:
             count[k] = count.get(k, 0) + c
             first.setdefault(k, (p, *where))       # the earliest file holds the lowest doc id
     # the order this set expression iterates in is the order of the moved rows in train
-    return [first[k] for k in set(range(len(names))) - in_train if count.get(k, 0) >= 2]
+    moved = [first[k] for k in set(range(len(names))) - in_train if count.get(k, 0) >= 2]
+    rows = {}
+    with contextlib.ExitStack() as stack:
+        dst = {name: _sink(stack, out, name) for name in NAMES}
+        for split in SPLITS:
+            to = [dst[f"{split}.{k}"] for k in ("x", "source_id", "doc_id")]
+            for p, r in enumerate(results):
+                # the part's rows [lo, row), then the n rows of a document moved to train are skipped
+                skip = sorted((row, n) for q, s, row, n in moved if (q, s) == (p, split))
+                lo = 0
+                for row, n in skip + [(r["rows"][split], 0)]:
+                    _copy_rows(to, *_split(parts[p], split, seq_len), lo, row, remaps[p], first_doc[p])
+                    lo = row + n
+            if split == "train":
+                for p, s, row, n in moved:
+                    _copy_rows(to, *_split(parts[p], s, seq_len), row, row + n, remaps[p], first_doc[p])
+            rows[split] = to[1].tell() // 8
+        for part in parts:               # the documents' hashes, by doc id: the files' in file order
+            dst["doc_hash"].write(_array(part, "doc_hash", np.uint8))
+    if rows["train"] == 0:
+        raise DataError(f"{where}: no training examples ({first_doc[-1]} documents, none in the train split)")
+    return {"sources": sources, "rows": rows, "warnings": [w for r in results for w in r["warnings"]]}
 
 
-def _copy_rows(dst: list, rows: list, lo: int, hi: int, remap, first_doc: int):
+def _copy_rows(dst: list, x, source_id, doc_id, lo: int, hi: int, remap, first_doc: int):
     # rows [lo, hi) of a part's split (x, source_id, doc_id) appended to dst, a block at a time; source
     # ids: the file's first-seen order -> the sorted names; doc ids: the file's -> over all files
-    x, source_id, doc_id = rows
     step = max(1, BLOCK // x.shape[1])
     for a in range(lo, hi, step):
         b = min(hi, a + step)
@@ -511,8 +489,8 @@ def load_data(cfg: dict, pool_needed: int = 1):
     replacement, so a generic pool smaller than the pool_needed examples drawn per step only warns;
     so does an empty generic valid split (its loss is a diagnostic). The specific sets must have
     valid and test documents and at least one batch of training examples."""
-    generic, specific, seq_len, doc_mode, seed = (cfg[k] for k in
-                                                  ("generic", "specific", "seq_len", "doc_mode", "seed"))
+    generic, specific, seq_len, seed = cfg["generic"], cfg["specific"], cfg["seq_len"], cfg["seed"]
+    read = {"doc_mode": cfg["doc_mode"], "cache": cfg["data_cache"], "workers": cfg["data_workers"]}
     if not generic and not specific:
         g, s, info = builtin_corpora(seed, seq_len)
         specifics = [s]
@@ -520,16 +498,18 @@ def load_data(cfg: dict, pool_needed: int = 1):
         raise DataError("--generic and --specific: give both (or neither, for the built-in corpus)")
     else:
         # through prepared copies in --data_cache (mapped, built once), or read into memory ("off")
-        g = load_corpus(generic, seq_len, doc_mode, "--generic", cfg["data_cache"], cfg["data_workers"])
-        specifics = [load_corpus(s, seq_len, doc_mode, "--specific", cfg["data_cache"], cfg["data_workers"])
-                     for s in specific.split(";")]
+        g = load_corpus(generic, seq_len, flag="--generic", **read)
+        specifics = [load_corpus(s, seq_len, flag="--specific", **read) for s in specific.split(";")]
         info = {}
         g = trained_sources(g)
         check_overlap(g, specifics, cfg.get("allow_overlap", False))
-    # the denoising setting: the generic corpus re-labelled into K noisy sources. It reads the whole pool
-    # and holds a corrupted copy in memory (a prepared pool's memory map is not enough here)
-    if cfg["noise_sources"]:
-        g, info = noisy_corpus(g, cfg["noise_sources"], seed), {}
+    # the denoising setting (ScaleBiO): the generic train/valid/test re-labelled into K sources, source k
+    # corrupted with probability min(1, 2k/K) (noisy_sources). It reads the whole pool and holds a corrupted
+    # copy in memory (a prepared pool's memory map is not enough here)
+    K = cfg["noise_sources"]
+    if K:
+        splits = [noisy_sources(e, K, seed + 300 + i) for i, e in enumerate((g.train, g.valid, g.test))]
+        g, info = Corpus(*splits, splits[0].sources, f"{g.name}+noise{K}"), {}
     for s in specifics:
         if cfg["specific_train_docs"]:
             s.train = document_subset(s.train, cfg["specific_train_docs"], seed)
@@ -566,12 +546,6 @@ def trained_sources(g: Corpus) -> Corpus:
     return Corpus(train, g.valid, g.test, sources, g.name, g.doc_hash)
 
 
-def document_hashes(c: Corpus, e: Examples) -> tuple:
-    """(hash of each document of e, the row of its first window): e's documents, one entry each."""
-    ids, rows = np.unique(e.doc_id.numpy(), return_index=True)
-    return c.doc_hash[ids].tolist(), rows
-
-
 def check_overlap(g: Corpus, specifics: list, allow: bool):
     """Contamination, by a hash of each document's bytes (all of it, as read): a specific set's valid or
     test document that is also in the generic corpus is an error naming the files and the count (allow: a
@@ -580,10 +554,11 @@ def check_overlap(g: Corpus, specifics: list, allow: bool):
     # the specific file in --generic would otherwise sit in generic valid/test, one edit from training
     pool = {}                                                         # {hash: the document's source}
     for e in (g.train, g.valid, g.test):
-        hashes, rows = document_hashes(g, e)
-        pool.update(zip(hashes, (e.sources[i] for i in e.source_id[rows].tolist())))
+        # e's documents (their doc ids), and the row of each one's first window
+        ids, rows = np.unique(e.doc_id.numpy(), return_index=True)
+        pool.update(zip(g.doc_hash[ids].tolist(), (e.sources[i] for i in e.source_id[rows].tolist())))
     for s in specifics:
-        h = {split: document_hashes(s, getattr(s, split))[0] for split in SPLITS}
+        h = {split: s.doc_hash[np.unique(getattr(s, split).doc_id.numpy())].tolist() for split in SPLITS}
         shared = [k for split in ("valid", "test") for k in h[split] if k in pool]
         if shared:
             where = sorted({pool[k] for k in shared})
@@ -618,13 +593,6 @@ def fingerprint(cfg: dict, g: Corpus, specifics: list) -> dict:
         raise DataError(f"--resume: the data changed since the run started ({'; '.join(diff[:3])}"
                         f"{'; …' if len(diff) > 3 else ''}): resume with the same files, or start a new run")
     return now
-
-
-def noisy_corpus(g: Corpus, K: int, seed: int) -> Corpus:
-    """The denoising setting: train/valid/test re-labelled into K sources, source k corrupted with
-    probability min(1, 2k/K) (noisy_sources)."""
-    splits = [noisy_sources(e, K, seed + 300 + i) for i, e in enumerate((g.train, g.valid, g.test))]
-    return Corpus(*splits, splits[0].sources, f"{g.name}+noise{K}")
 
 
 def set_names(specifics: list) -> list:
@@ -671,10 +639,9 @@ def atomic_write(path, write):
 
 def write_json(path, obj):
     """config.json and summary.json: indented JSON, written atomically."""
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-    atomic_write(path, write)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def document_subset(examples: Examples, n: int, seed: int, flag: str = "--specific_train_docs") -> Examples:
@@ -726,9 +693,8 @@ def _walk(rng, chains: list, mix: list, n: int, T: int) -> np.ndarray:
         ids[:, t] = w
         k = rng.choice(4, size=n, p=SUCC_P)                 # (n,) which successor
         j = rng.choice(len(chains), size=n, p=mix)          # (n,) which chain
-        nxt = succ[j, w, k]                                 # (n,)
-        jump = rng.random(n) < EPS
-        w = np.where(jump, rng.integers(VOCAB, size=n), nxt)
+        # with probability EPS a jump to any word, else the chosen successor
+        w = np.where(rng.random(n) < EPS, rng.integers(VOCAB, size=n), succ[j, w, k])   # (n,)
     return ids
 
 
@@ -737,18 +703,15 @@ def _render(rng, words: list, ids: np.ndarray, seq_len: int) -> np.ndarray:
     # truncated to seq_len bytes -> (n, seq_len) uint8
     n, T = ids.shape
     ends = np.cumsum(rng.integers(6, 15, size=(n, T // 6 + 1)), axis=1) - 1  # last word of each sentence
-    rows = np.broadcast_to(np.arange(n)[:, None], ends.shape)
-    ok = ends < T
-    dot = np.zeros((n, T), dtype=bool)
-    dot[rows[ok], ends[ok]] = True
+    dot = np.zeros((n, T + 1), dtype=bool)        # (n, T + 1): the ends past the last word go to column T
+    np.put_along_axis(dot, np.minimum(ends, T), True, axis=1)
     vocab = np.array(words + [w + "." for w in words], dtype=object)  # id + VOCAB = word with a period
-    tokens = vocab[ids + VOCAB * dot]                                 # (n, T) str
+    tokens = vocab[ids + VOCAB * dot[:, :T]]                          # (n, T) str
     docs = [" ".join(row).encode()[:seq_len].ljust(seq_len, b"\0") for row in tokens.tolist()]
     return np.frombuffer(bytearray().join(docs), np.uint8).reshape(n, seq_len)
 
 
-def builtin_corpora(seed: int, seq_len: int, n_generic: int = 20000, n_specific_train: int = 400,
-                    n_specific_eval: int = 200) -> tuple[Corpus, Corpus, dict]:
+def builtin_corpora(seed, seq_len, n_generic=20000, n_specific_train=400, n_specific_eval=200) -> tuple:
     """The built-in experiment: a synthetic generic pool with a small hidden
     minority of in-domain text, and a small specific (target) set.
 
@@ -812,16 +775,12 @@ def builtin_corpora(seed: int, seq_len: int, n_generic: int = 20000, n_specific_
     x = {s: make(s, sum(counts[s]) + (sum(n_spec) if s == "target" else 0)) for s in names}
 
     def splits(n_docs: dict, pool: dict, sources: list, shuffle: bool) -> list[Examples]:
-        # n_docs: source -> [n train, n valid, n test]; pool: source -> (n, seq_len) rows
-        out, first_doc, offset = [], 0, {s: 0 for s in sources}
+        # n_docs: source -> [n train, n valid, n test]; pool: source -> (n, seq_len) rows, cut in that order
+        blocks = {s: np.split(pool[s], np.cumsum(n_docs[s]))[:3] for s in sources}   # source -> 3 row blocks
+        out, first_doc = [], 0
         for i in range(3):  # train, valid, test
-            xs, src = [], []
-            for k, s in enumerate(sources):
-                n = n_docs[s][i]
-                xs.append(pool[s][offset[s]: offset[s] + n])
-                src.append(np.full(n, k))
-                offset[s] += n
-            xs, src = np.concatenate(xs), np.concatenate(src)
+            xs = np.concatenate([blocks[s][i] for s in sources])                       # (n, seq_len)
+            src = np.concatenate([np.full(n_docs[s][i], k) for k, s in enumerate(sources)])   # (n,)
             perm = rng.permutation(len(src)) if shuffle else np.arange(len(src))
             out.append(_examples(xs[perm], src[perm], first_doc + np.arange(len(src)), sources))
             first_doc += len(src)
@@ -884,8 +843,8 @@ def noisy_sources(examples: Examples, K: int, seed: int) -> Examples:
     corrupt = torch.rand(N, generator=g) < rates[source_id]                     # (N,) bool
     x = examples.x.clone()                                                      # (N, T) uint8
     noise = torch.randint(32, 127, x.shape, generator=g, dtype=torch.uint8)     # (N, T)
-    keep = (x == 0) | ~corrupt[:, None]                                         # (N, T) padding or clean row
-    x = torch.where(keep, x, noise)
+    # a byte is kept where it is padding or its row is clean: (N, T)
+    x = torch.where((x == 0) | ~corrupt[:, None], x, noise)
     names = [f"s{k}_noise{r:.1f}" for k, r in enumerate(rates.tolist())]
     return Examples(x, source_id, examples.doc_id.clone(), names)
 
@@ -958,8 +917,7 @@ def _open(src: str):
     return urllib.request.urlopen(src, timeout=60) if "://" in src else open(src, "rb")
 
 
-def prepare(spec: str = "", seq_len: int = 128, doc_mode: str = "first", data_cache: str = "",
-            data_workers: int = 0, draws: int = 100) -> dict:
+def prepare(spec="", seq_len=128, doc_mode="first", data_cache="", data_workers=0, draws=100) -> dict:
     """Prepare a corpus (once: before torchrun, say) or map its prepared copy, then draw `draws` batches of
     512 training rows; returns the rows, the load's seconds and the process's RssAnon (MiB)."""
     t = time.perf_counter()
@@ -974,11 +932,20 @@ def prepare(spec: str = "", seq_len: int = 128, doc_mode: str = "first", data_ca
     return {"rows": {s: len(getattr(c, s)) for s in SPLITS}, "load_s": round(load_s, 3), "rss_anon_mb": rss}
 
 
-def bench(docs: int = 100000, dir: str = "/tmp/pool_bench", seq_len: int = 128, doc_mode: str = "chunk",
-          data_workers: int = 0) -> dict:
+def bench(docs=100000, dir="/tmp/pool_bench", seq_len=128, doc_mode="chunk", data_workers=0) -> dict:
     """A synthetic corpus of `docs` documents (1.5-2.3 KB of letters and spaces, 8 .jsonl.gz files, kept
     in dir for the next bench) loaded by fresh processes: into memory (no cache), prepared, mapped again."""
-    spec = _synthetic(os.path.join(dir, f"docs{docs}"), docs)
+    spec = os.path.join(dir, f"docs{docs}")
+    if not os.path.isdir(spec):   # the documents: slices of one long random text (written once, then reused)
+        rng = np.random.default_rng(0)
+        text = "".join(rng.choice(list("etaoinshrdlu     "), 1 << 22))   # (4M,) letters, words of ~4
+        os.makedirs(spec + ".tmp", exist_ok=True)
+        for i in range(8):
+            n = len(range(i, docs, 8))         # the docs spread evenly over the 8 files
+            with gzip.open(f"{spec}.tmp/part{i}.jsonl.gz", "wt", compresslevel=1) as f:
+                for start, size in zip(rng.integers(0, len(text) - 2300, n), rng.integers(1500, 2300, n)):
+                    f.write(json.dumps({"text": text[start: start + size]}) + "\n")
+        os.rename(spec + ".tmp", spec)
     # each process draws 100 batches of 512 rows after the load
     shutil.rmtree(os.path.join(dir, "cache"), ignore_errors=True)
     out = {"docs": docs, "MiB": sum(os.path.getsize(f) for f in resolve_files(spec)) / 2**20}
@@ -989,21 +956,6 @@ def bench(docs: int = 100000, dir: str = "/tmp/pool_bench", seq_len: int = 128, 
         out[name] = r = json.loads(p.stdout.splitlines()[-1])
         print(f"{name}: {docs / r['load_s']:.0f} docs/s, {out['MiB'] / r['load_s']:.1f} MiB/s, {r}")
     return out
-
-
-def _synthetic(path: str, docs: int, files: int = 8) -> str:
-    # docs documents, slices of one long random text (written once, then reused)
-    if not os.path.isdir(path):
-        rng = np.random.default_rng(0)
-        text = "".join(rng.choice(list("etaoinshrdlu     "), 1 << 22))   # (4M,) letters, words of ~4
-        os.makedirs(path + ".tmp", exist_ok=True)
-        for i in range(files):
-            n = len(range(i, docs, files))
-            with gzip.open(f"{path}.tmp/part{i}.jsonl.gz", "wt", compresslevel=1) as f:
-                for start, size in zip(rng.integers(0, len(text) - 2300, n), rng.integers(1500, 2300, n)):
-                    f.write(json.dumps({"text": text[start: start + size]}) + "\n")
-        os.rename(path + ".tmp", path)
-    return path
 
 
 COMMANDS = {"c4": get_c4, "reuters": get_reuters, "prepare": prepare, "bench": bench}
