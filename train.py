@@ -324,10 +324,8 @@ def shard(ctx, idx):
 def step_alpha(ctx, mean=False):
     """α ← α − Adam(∇_α). torchrun: α's gradient SUMMED over the ranks, each rank's being its part of
     Σ_x c(x) ∇_α w(x; α) with w normalised over the whole batch; averaged (mean) for a mean loss."""
-    if mean:
-        ctx.ranks.mean_(grads_of(ctx.weighter))
-    else:
-        ctx.ranks.sum_(grads_of(ctx.weighter))
+    reduce_ = ctx.ranks.mean_ if mean else ctx.ranks.sum_
+    reduce_(grads_of(ctx.weighter))
     ctx.meta_opt.step()
 
 
@@ -390,14 +388,14 @@ def train_loop(ctx, start, stop):
 def train_step(ctx, step):
     """One training step at `step`: the method's step while pretraining, then fine-tuning's, at lr_at(step).
     Returns the step function's Step(loss, idx)."""
-    if step == ctx.cfg["max_steps"] and ctx.cfg["finetune_lr"] > 0:
-        # the authors' fine-tuning starts a fresh AdamW: no moments, its step count at 0
-        ctx.opt.state.clear()
+    if step == ctx.cfg["max_steps"]:    # fine-tuning starts: the method's own statistics (ess, …) stop here
+        ctx.stats.clear()
+        if ctx.cfg["finetune_lr"] > 0:
+            # the authors' fine-tuning starts a fresh AdamW: no moments, its step count at 0
+            ctx.opt.state.clear()
     for group in ctx.opt.param_groups:
         group["lr"] = lr_at(step, ctx.cfg)
     ctx.step = step
-    if step == ctx.cfg["max_steps"]:    # fine-tuning starts: the method's own statistics (ess, …) stop here
-        ctx.stats.clear()
     if step < ctx.cfg["max_steps"]:
         return METHODS[ctx.cfg["method"]].step(ctx, step)
     return step_specific(ctx, step)
@@ -519,10 +517,8 @@ def update_theta(ctx, loss, model=None, opt=None, mean=True):
 def step_along_grads(ctx, model, opt, mean=True):
     """One AdamW step of model along the gradients in its .grad (averaged, or summed, over the ranks)."""
     # torchrun: ∇_θ of the whole batch's loss on every rank
-    if mean:
-        ctx.ranks.mean_(grads_of(model))
-    else:
-        ctx.ranks.sum_(grads_of(model))
+    reduce_ = ctx.ranks.mean_ if mean else ctx.ranks.sum_
+    reduce_(grads_of(model))
     # ‖∇_θ‖ (clipped to grad_clip when set), checked before the step so θ never takes a NaN update:
     # the step's one host synchronisation
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), ctx.cfg["grad_clip"] or float("inf"))
@@ -554,9 +550,7 @@ def specific_batch(ctx):
     # (the draws come from each set's own Sampler: the specific stream does not depend on the method's
     # other draws, so B_specific is the same sequence for every method with the same seed)
     """B_specific: uniform draws from one specific set (chosen at random when there are several)."""
-    k = 0
-    if len(ctx.specifics) > 1:
-        k = int(torch.randint(len(ctx.specifics), (1,), generator=ctx.gen))
+    k = int(torch.randint(len(ctx.specifics), (1,), generator=ctx.gen)) if len(ctx.specifics) > 1 else 0
     idx = shard(ctx, ctx.specific_samplers[k].sample(ctx.cfg["specific_batch_size"]))
     return ctx.specific_x[k][idx]                                              # (|B_specific|, T)
 
@@ -608,7 +602,8 @@ def setup_scalebio(ctx):
     ctx.p_opt = adamw([ctx.p], cfg["scalebio_lr_p"], 0.0, ctx.device)
     ctx.lisa_gen = {k: torch.Generator().manual_seed(cfg["seed"] + 200 + i) for i, k in enumerate("uw")}
     ctx.lisa_active = {k: list(range(cfg["n_layer"])) for k in "uw"}  # all blocks train until a draw
-    ctx.state.update(u=ctx.u, p=InPlace(ctx.p), lisa=LisaState(ctx), u_opt=ctx.u_opt, p_opt=ctx.p_opt)
+    ctx.state.update(u=ctx.u, p=InPlace(ctx.p), u_opt=ctx.u_opt, p_opt=ctx.p_opt,
+                     lisa=Stateful(partial(lisa_state, ctx), partial(load_lisa_state, ctx)))
 
 
 def step_scalebio(ctx, step):
@@ -640,9 +635,8 @@ def step_scalebio(ctx, step):
         # pretraining ends: w trains all its blocks again (fine-tuning is not LISA)
         ctx.lisa_active["w"] = list(range(cfg["n_layer"]))
         bilevel.lisa_freeze(ctx.model, ctx.lisa_active["w"])
-    loss = out.pop("train_loss")                                               # uniform mean ℓ(x; w)
-    ctx.stats.update({f"scalebio_{k}": v for k, v in out.items()})
-    return Step(loss)
+    ctx.stats.update({f"scalebio_{k}": v for k, v in out.items() if k != "train_loss"})
+    return Step(out["train_loss"])                                             # uniform mean ℓ(x; w)
 
 
 # --- CDS, the domain classifier, LTR, Meta-Weight-Net (section 5.1; their maths is in bilevel.py).
@@ -954,33 +948,27 @@ def restore(d, saved):
     d.update(saved)
 
 
-class Samplers:
-    """A list of data.Sampler (one per specific set)."""
-    def __init__(self, samplers):
-        self.samplers = samplers
-
+class Samplers(list):
+    """A list of data.Sampler (one per specific set), saved as the list of their states."""
     def state_dict(self):
-        return [s.state_dict() for s in self.samplers]
+        return [s.state_dict() for s in self]
 
     def load_state_dict(self, states):
-        for sampler, state in zip(self.samplers, states):
+        for sampler, state in zip(self, states):
             sampler.load_state_dict(state)
 
 
-class LisaState:
+def lisa_state(ctx):
     """ScaleBiO with LISA: the block-draw generators of u and w and their active blocks."""
-    def __init__(self, ctx):
-        self.ctx = ctx
+    return {"gen": {k: g.get_state() for k, g in ctx.lisa_gen.items()}, "active": ctx.lisa_active}
 
-    def state_dict(self):
-        generators = {k: g.get_state() for k, g in self.ctx.lisa_gen.items()}
-        return {"gen": generators, "active": self.ctx.lisa_active}
 
-    def load_state_dict(self, state):
-        for k, model in (("u", self.ctx.u), ("w", self.ctx.model)):
-            self.ctx.lisa_gen[k].set_state(state["gen"][k])
-            self.ctx.lisa_active[k] = list(state["active"][k])
-            bilevel.lisa_freeze(model, self.ctx.lisa_active[k])
+def load_lisa_state(ctx, state):
+    """lisa_state's inverse: each generator and active blocks restored, the other blocks frozen again."""
+    for k, model in (("u", ctx.u), ("w", ctx.model)):
+        ctx.lisa_gen[k].set_state(state["gen"][k])
+        ctx.lisa_active[k] = list(state["active"][k])
+        bilevel.lisa_freeze(model, ctx.lisa_active[k])
 
 
 def save_checkpoint(ctx, step):
@@ -998,8 +986,7 @@ def save_checkpoint(ctx, step):
 
 def load_checkpoint(ctx):
     """Restore ctx from out_dir/ckpt.pt; returns the step to continue from."""
-    path = os.path.join(ctx.cfg["out_dir"], "ckpt.pt")
-    st = read_checkpoint(path, "--resume")
+    st = read_checkpoint(os.path.join(ctx.cfg["out_dir"], "ckpt.pt"), "--resume")
     saved = st["config"]
     if ctx.cfg["max_steps"] > saved["max_steps"] and st["step"] >= saved["max_steps"]:
         raise ConfigError(f"--max_steps: the run in {ctx.cfg['out_dir']} finished pretraining at step "
@@ -1082,11 +1069,6 @@ def gather(obj):
 RUN_FILES = ("config.json", "log.jsonl", "summary.json", "ckpt.pt", "weighters")   # what train.py writes
 
 
-def run_files(out_dir):
-    """The files and folders of RUN_FILES that out_dir holds."""
-    return [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
-
-
 def remove_run_files(out_dir, names):
     """--overwrite: remove only what an earlier run of train.py wrote (RUN_FILES), nothing else."""
     for f in names:
@@ -1122,7 +1104,7 @@ def prepare_out_dir(cfg):
         tempfile.TemporaryFile(dir=near).close()
     except OSError as e:
         raise ConfigError(f"--out_dir: cannot write in {near} ({e.strerror})") from None
-    found = run_files(cfg["out_dir"])
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg["out_dir"], f))]    # what a run left
     if found and not cfg["resume"] and not cfg["overwrite"]:
         raise ConfigError(f"--out_dir: {cfg['out_dir']} holds another run ({', '.join(found)}): continue it "
                           "with --resume, or replace it with --overwrite")
@@ -1191,17 +1173,15 @@ def cast(key, val, default):
 def parse_args(argv, defaults):
     """defaults ← the preset ← the overrides; --resume: the saved settings ← the overrides."""
     overrides = parse_overrides(argv, defaults)
-    cfg = dict(defaults)
     if overrides.get("resume"):
         cfg = resume_config(overrides, defaults)
     elif overrides.get("init_from"):
         cfg = init_config(overrides, defaults)
     else:
-        name = overrides.get("preset", cfg["preset"])
+        name = overrides.get("preset", defaults["preset"])
         if name and name not in PRESETS:
             raise ConfigError(f"--preset: unknown preset {name!r} (choose from {', '.join(PRESETS)})")
-        cfg.update(PRESETS.get(name, {}))
-        cfg.update(overrides)
+        cfg = {**defaults, **PRESETS.get(name, {}), **overrides}
         if cfg["method"] == "cds":    # a derived setting keeps its value if max_steps grows on resume
             cfg["cds_pretrain_steps"] = cds_pretrain(cfg)
     check(cfg)
