@@ -16,26 +16,9 @@ Two kinds of corpora:
 n i.i.d. uniform draws from D, with its own resumable random generator.
 """
 
-import argparse
-import contextlib
+import argparse, contextlib, glob, gzip, hashlib, html, inspect, io, itertools, json, os, re, shutil
+import subprocess, sys, tarfile, time, urllib.request, zlib
 import fcntl       # the build's file lock (POSIX)
-import glob
-import gzip
-import hashlib
-import html
-import inspect
-import io
-import itertools
-import json
-import os
-import re
-import shutil
-import subprocess
-import sys
-import tarfile
-import time
-import urllib.request
-import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
