@@ -12,15 +12,18 @@ as the default's type) and `--preset=NAME` first applies one of the blocks in PR
 
 Map of this file, in reading order:
     config block, PRESETS      every setting, with its default and one line on what it does
-    setup                      data, θ, α, v and the optimisers; `ctx` carries them all
+    setup                      data, θ and its optimiser; each method's setup adds its state (α, v, …)
+    data parallel              torchrun: the same experiment for any number of processes
     the loop                   Algorithm 1's outer loop: one step, evaluation, checkpoint, signals
-    Algorithm 1                step_sparse (B_generic^big → outer step → filter → inner step),
-                               main_update (the step on θ), soba_v_update (the step on v)
+    Algorithm 1                step_sparse (B_generic^big → outer step → filter → inner step), the
+                               outer updates outer_dds / outer_soba / outer_anograd, main_update (θ)
     the other methods          baseline, mixing, specific, ScaleBiO, CDS, the domain classifier,
                                LTR, Meta-Weight-Net, fixed weighters (section 6); METHODS lists all
     evaluation and outputs     log.jsonl, the progress line, summary.json
     checkpoints                what a checkpoint holds (ctx.state) and how it is saved and restored
-    command line               --help, --key=value parsing, resume rules, main()
+    devices and processes      --device, peak memory, torchrun's process group and signals
+    the run directory          what train.py writes in out_dir, --overwrite, --resume's log
+    command line               --help, --key=value parsing, the setting rules, resume rules, main()
 
 Algorithm 1 (section 4.2) as step_sparse runs it, one outer and one inner update per step:
     for t = 0 … max_steps − 1:
