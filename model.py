@@ -10,7 +10,8 @@ The one thing this file does that nanoGPT does not: SOBA's Hessian-vector produc
 no double backward (nor a forward-mode derivative), so that step runs attention on the "math" path
 (an explicit softmax(QKᵀ/√d)V built from differentiable ops). Everything else (the plain training
 step, DDS and Anograd, which need only first-order passes, evaluation) keeps the fast fused kernel.
-`second_order()` below switches the path.
+`second_order()` below switches the path (`--hvp=finite_difference` avoids it: two first-order
+gradients, on the fused kernels).
 
 torch.compile: `compile_model(model)` compiles the forward in place (`nn.Module.compile`; the
 parameters, state_dict keys and checkpoints stay those of the plain model). `second_order(model)`
