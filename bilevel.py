@@ -64,10 +64,11 @@ from model import second_order, uncompiled
 # ----------------------------------------------------------------------------------------------
 # data parallelism: what the updates need from torchrun's N ranks, and nothing in one process.
 # Under torchrun each rank holds 1/N of every batch: rows r, r + N, r + 2N, … of it (rank r). The
-# updates stay exact if (i) every softmax w(x; α) is normalised over the whole batch, (ii) every
-# θ-space direction that is not a uniform mean (a weighted sum Σ w ∇ℓ, a specific gradient that
-# enters a look-ahead or a cosine) is summed or averaged over the ranks before it is used, and (iii)
-# a rank's α-gradient is its part of Σ_x c(x) ∇_α w(x; α), summed over the ranks by the caller.
+# updates stay exact if (i) every softmax w(x; α) is normalised over the whole batch (the weighters'
+# `weights(x, ranks)`, weighter.batch_softmax), (ii) every θ-space direction that is not a uniform mean
+# (a weighted sum Σ w ∇ℓ, a specific gradient that enters a look-ahead or a cosine) is summed or averaged
+# over the ranks before it is used, and (iii) a rank's α-gradient is its part of Σ_x c(x) ∇_α w(x; α),
+# summed over the ranks by the caller.
 # OneProcess is the identity; Ranks implements the same four methods with collectives (train.py joins
 # the process group and uses the same object for its own all-reduces of θ's and α's gradients).
 
@@ -138,11 +139,6 @@ class GatherRows(torch.autograd.Function):
         grad = grad.contiguous().clone()                        # (n,)
         dist.all_reduce(grad)
         return grad.view(-1, dist.get_world_size())[:, dist.get_rank()]      # (n/N,) this rank's rows
-
-
-def batch_softmax(s, ranks=ONE):
-    """w(x; α) = softmax of the scores s over the WHOLE batch; s: this rank's rows (n/N,) → (n/N,)."""
-    return ranks.mine(torch.softmax(ranks.rows(s), dim=0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,7 +271,7 @@ def dds_step(model, weighter, x_generic, x_specific, rho, w=None, ranks=ONE):
     """
     theta = theta_of(model)
     if w is None:
-        w = batch_softmax(weighter(x_generic), ranks)                    # (b,) w(x; α), graph to α
+        w = weighter.weights(x_generic, ranks)                           # (b,) w(x; α), graph to α
     # g_generic = Σ_x w(x; α) ∇_θ ℓ(x; θ)   (torchrun: the ranks' partial sums, summed)
     g_generic, _ = grad_at(model, theta, x_generic, weights=w)
     ranks.sum_(list(g_generic.values()))
@@ -322,7 +318,7 @@ def soba_step(model, weighter, x_generic, x_specific, v, chunks=1, ranks=ONE, hv
     d_v = dict(zip(theta, torch._foreach_add([Hv[k] for k in theta], [g_specific[k] for k in theta])))
     # d_α = Σ_x ⟨∇ℓ(x; θ), v⟩ ∇_α w(x; α)   (torchrun: g, H v, d_v are uniform means, which the
     # caller averages over the ranks; w is the softmax over the whole S)
-    backward_to_alpha(c, batch_softmax(weighter(x_generic), ranks))
+    backward_to_alpha(c, weighter.weights(x_generic, ranks))
     return d_v, g, losses
 
 
@@ -405,7 +401,7 @@ def soba_alpha_grad(model, weighter, x, v, ranks=ONE):
     # c(x) = ⟨∇_θ ℓ(x; θ), v⟩ for every x ∈ S, (b,)
     _, c = per_example_dot(model, theta_of(model), x, v)
     # d_α = Σ_x c(x) ∇_α w(x; α)   (torchrun: w is the softmax over the whole S)
-    backward_to_alpha(c, batch_softmax(weighter(x), ranks))
+    backward_to_alpha(c, weighter.weights(x, ranks))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,7 +421,7 @@ def anograd_step(model, weighter, x_generic, x_specific, ranks=ONE):
         ∂(−cos)/∂w(x) = ⟨∇_θ ℓ(x; θ), q⟩,   q = −∂cos/∂g = −( s/(‖g‖‖s‖) − cos · g/‖g‖² ).
     """
     theta = theta_of(model)
-    w = F.softplus(weighter.a) * batch_softmax(weighter(x_generic), ranks)    # (b,) graph to α
+    w = weighter.anograd_weights(x_generic, ranks)                           # (b,) graph to α
     g, _ = grad_at(model, theta, x_generic, weights=w)                       # g_generic(α)
     s, _ = grad_at(model, theta, x_specific)                                 # g_specific
     # torchrun: g is a sum over the whole batch, s a mean: both before the cosine
@@ -536,7 +532,7 @@ def mwn_step(model, loss_weighter, x_generic, losses, x_specific, rho, ranks=ONE
     then the DDS outer update of Eq. (3) unchanged. ℓ(x; θ) enters the MLP as data (detached):
     α's gradient flows through the look-ahead only, as for DDS. losses: (b,) ℓ(x; θ) of x_generic.
     Sets α.grad, returns L(α)."""
-    w = batch_softmax(loss_weighter(losses), ranks)                          # (b,) graph to α
+    w = loss_weighter.weights(losses, ranks)                                 # (b,) graph to α
     return dds_step(model, loss_weighter, x_generic, x_specific, rho, w=w, ranks=ranks)
 
 

@@ -110,13 +110,13 @@ class Weighter(nn.Module):
             h = F.relu(conv(F.pad(h, (k - 1, 0))))                                  # (B, dim, T)
         return self.pool(h, x)
 
-    def weights(self, x):
-        """w(x; α) over the batch x: softmax of the scores. (B,), sums to one."""
-        return torch.softmax(self(x), dim=0)
+    def weights(self, x, ranks=None):
+        """w(x; α) over the batch x: softmax of the scores. (B,), sums to one (see batch_softmax)."""
+        return batch_softmax(self(x), ranks)
 
-    def anograd_weights(self, x):
+    def anograd_weights(self, x, ranks=None):
         """Anograd's head (reference code): softplus(a)·softmax(s). Positive, scale learned."""
-        return F.softplus(self.a) * self.weights(x)
+        return F.softplus(self.a) * self.weights(x, ranks)
 
 
 class LossWeighter(nn.Module):
@@ -132,8 +132,17 @@ class LossWeighter(nn.Module):
         precision → scores (B,)."""
         return self.mlp(losses.detach()[:, None].to(self.mlp[0].weight.dtype)).squeeze(-1)
 
-    def weights(self, losses):
-        return torch.softmax(self(losses), dim=0)
+    def weights(self, losses, ranks=None):
+        return batch_softmax(self(losses), ranks)
+
+
+def batch_softmax(s, ranks=None):
+    """w = softmax of the scores s over the batch: (n,) → (n,). Under torchrun (ranks: bilevel.Ranks) s is
+    this rank's rows of a batch and the softmax is over the WHOLE batch: the rows gathered (with their
+    graph), normalised, this rank's returned."""
+    if ranks is None:
+        return torch.softmax(s, dim=0)
+    return ranks.mine(torch.softmax(ranks.rows(s), dim=0))
 
 
 @torch.no_grad()

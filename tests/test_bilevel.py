@@ -337,8 +337,8 @@ class FreeLogits(nn.Module):
     def forward(self, batch):
         return self.alpha[batch[:, -1].long()]                              # (b,) scores: a free logit each
 
-    def weights(self, batch):
-        return torch.softmax(self(batch), 0)                                # (b,)
+    def weights(self, batch, ranks=None):
+        return torch.softmax(self(batch), 0)                                # (b,) (one process)
 
 
 def ridge_problem(n=8, d=3, n_val=5, lam=0.1, seed=0):
