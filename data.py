@@ -560,13 +560,15 @@ def check_overlap(g: Corpus, specifics: list, allow: bool):
 
 
 def fingerprint(cfg: dict, g: Corpus, specifics: list) -> dict:
-    """What a run reads: each input file's size and modification time, and each corpus's example counts.
+    """What a run reads: each input file's size and MD5 (its content: a copy, a fresh extraction or a
+    `touch` still resumes), and each corpus's example counts.
     On --resume (cfg["inputs"] saved by the run): a one-line DataError naming what changed."""
     now = {}
     for flag, specs in (("--generic", [cfg["generic"]]), ("--specific", cfg["specific"].split(";"))):
         for path in (f for spec in specs if spec for f in resolve_files(spec, flag)):
-            st = os.stat(path)
-            now[f"{flag} file {os.path.abspath(path)}"] = f"{st.st_size} bytes, modified {st.st_mtime_ns} ns"
+            with open(path, "rb") as f:
+                md5 = hashlib.file_digest(f, "md5").hexdigest()
+            now[f"{flag} file {os.path.abspath(path)}"] = f"{os.path.getsize(path)} bytes, MD5 {md5}"
     for c in [g, *specifics]:
         now[f"{c.name} examples"] = f"{len(c.train)} train, {len(c.valid)} valid, {len(c.test)} test"
     saved = cfg.get("inputs") if cfg["resume"] else None

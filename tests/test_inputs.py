@@ -102,6 +102,8 @@ def test_resume_refuses_changed_data(tmp_path, corpora, run):
     args = [f"--generic={gen}", f"--specific={spec}", f"--out_dir={out}", *TINY, "--method=baseline"]
     assert run(args).returncode == 0
     assert "inputs" in json.loads((out / "config.json").read_text())
+    os.utime(spec, ns=(10**18, 10**18))             # the same bytes, a new modification time: resumes
+    assert run([f"--out_dir={out}", "--resume"]).returncode == 0
     before = {f: (out / f).read_bytes() for f in os.listdir(out) if f != "weighters"}
     time.sleep(0.01)
     write_jsonl(tmp_path / "specific.jsonl", [f"a new document {i}" for i in range(300)])
