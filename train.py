@@ -43,6 +43,7 @@ either device and, given the same scores, a seed selects the same examples on bo
 """
 
 import copy
+import datetime
 import json
 import math
 import os
@@ -66,7 +67,7 @@ import data
 from data import atomic_write, read_checkpoint, write_json
 from model import ByteLM
 from weighter import (LossWeighter, Replay, Weighter, effective_sample_size, filter_batch, load_weighter,
-                      save_snapshot, score)
+                      save_snapshot, score, to_device)
 
 # what diagnose.py and the tests may use: the rest of this file is free to change
 __all__ = ["config_keys", "PRESETS", "METHODS", "ConfigError", "TrainingError", "parse_args", "cast", "setup",
@@ -194,7 +195,7 @@ def setup(cfg):
     The order of the random draws (θ's init, then α's) is part of what makes a seed reproduce a run."""
     torch.manual_seed(cfg["seed"])
     torch.set_flush_denormal(True)    # denormal floats make the CPU's double backward ~20% slower
-    rank, world, dev = init_ranks(cfg["device"])
+    rank, world, dev = init_ranks(cfg)
     method = METHODS[cfg["method"]]
     # B is drawn i.i.d. uniformly with replacement (Algorithm 1): a pool smaller than |B| only warns
     pool = cfg["big_batch_size"] if method.selects else cfg["batch_size"]
@@ -203,7 +204,7 @@ def setup(cfg):
                           info=info, specific_names=data.set_names(specifics), step=0, stats={},
                           b=cfg["batch_size"] // world,       # b: this rank's share of the batch
                           ranks=bilevel.Ranks(rank, world) if world > 1 else bilevel.ONE)
-    cuda = torch.device(dev).type == "cuda"
+    ctx.cuda = cuda = torch.device(dev).type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cuda    # TF32 on CUDA
     # the precision policy of the module docstring: bf16 autocast around every pass of θ on CUDA
     # (first and second order alike), nothing on the CPU; parameters and optimiser states stay FP32
@@ -270,8 +271,7 @@ def setup_alpha(ctx, network=None):
     network = network or partial(Weighter, cfg["weighter_dim"], cfg["weighter_kernel"],
                                  init=cfg["weighter_init"])
     ctx.weighter = network().to(ctx.device)
-    ctx.meta_opt = torch.optim.Adam(ctx.weighter.parameters(), lr=cfg["meta_lr"],
-                                    fused=torch.device(ctx.device).type == "cuda" or None)
+    ctx.meta_opt = torch.optim.Adam(ctx.weighter.parameters(), lr=cfg["meta_lr"], fused=ctx.cuda or None)
     ctx.state.update(weighter=ctx.weighter, meta_opt=ctx.meta_opt)
 
 
@@ -279,8 +279,7 @@ def setup_soba(ctx):
     """α, then SOBA's v: same shape as θ, zeros at the start, never reset (reference code), and its Adam."""
     setup_alpha(ctx)
     ctx.v = {k: torch.zeros_like(p, requires_grad=True) for k, p in ctx.model.named_parameters()}
-    ctx.v_opt = torch.optim.Adam(list(ctx.v.values()), lr=ctx.cfg["lr"], betas=(0.9, 0.98), eps=1e-9,
-                                 fused=torch.device(ctx.device).type == "cuda" or None)
+    ctx.v_opt = adamw(list(ctx.v.values()), ctx.cfg["lr"], 0.0, ctx.device)    # Adam: no weight decay
     ctx.state.update(v=InPlace(ctx.v), v_opt=ctx.v_opt)
 
 
@@ -300,7 +299,7 @@ def setup_shuffled(ctx):
 def setup_cds(ctx):
     """CDS's Δ(x) for every generic example (and its timings), empty until phase (iii) computes it."""
     ctx.cds = {}
-    ctx.state["cds"] = Stateful(ctx.cds.copy, partial(restore, ctx.cds))
+    ctx.state["cds"] = Stateful(ctx.cds.copy, partial(restore, ctx.cds, device=ctx.device))
 
 
 # --- data parallel (torchrun --nproc_per_node=N): the same experiment for any N. batch_size,
@@ -321,7 +320,7 @@ def setup_cds(ctx):
 
 def shard(ctx, idx):
     """This rank's rows of a batch drawn whole: (n,) → (n / N,) (rows rank, rank + N, …), on the device."""
-    return ctx.ranks.mine(idx).to(ctx.device)
+    return to_device(ctx.ranks.mine(idx), ctx.device)
 
 
 def step_alpha(ctx, mean=False):
@@ -354,13 +353,12 @@ def train_loop(ctx, start, stop):
     if cfg["max_steps"] == 0 and not cfg["resume"]:     # no pretraining (--init_from): θ as it starts
         finish_eval(ctx, 0, "pretrain", ms, None)
     for step in bar:
-        pretrain = step < cfg["max_steps"]
         t0 = time.perf_counter()
         out = train_step(ctx, step)
         ms.append(1000 * (time.perf_counter() - t0))
         p = ctx.progress      # what the run has done so far (saved in the checkpoint)
         p["train_time"], p["seen"] = p["train_time"] + ms[-1] / 1000, p["seen"] + cfg["batch_size"]
-        if pretrain:
+        if step < cfg["max_steps"]:
             p["pretrain_ms"] = p.get("pretrain_ms", 0.0) + ms[-1]        # for summary.json's ms_per_step
         # the sources of the examples θ trained on, counted on the device: sums of 1.0, exact in float64
         # (index_add_, not bincount, whose CUDA kernel reads the indices' range back to the host)
@@ -561,7 +559,7 @@ def specific_batch(ctx):
 def big_batch(ctx):
     """B_generic^big: |B| uniform draws from generic train → (indices (|B|,), x (|B|, T)), the whole
     batch on every torchrun rank (each scores and trains on its own rows of it)."""
-    idx_B = ctx.generic_sampler.sample(ctx.cfg["big_batch_size"]).to(ctx.device)
+    idx_B = to_device(ctx.generic_sampler.sample(ctx.cfg["big_batch_size"]), ctx.device)
     return idx_B, ctx.x_train[idx_B]
 
 
@@ -670,7 +668,7 @@ def step_cds(ctx, step):
     ctx.stats.update({k: v for k, v in ctx.cds.items() if k != "delta"})
     idx_B, x_B = big_batch(ctx)                                                # (|B|,), (|B|, T)
     # S = the top-b of −Δ(x) over B: the examples fine-tuning improved most (this rank's rows of S)
-    S = ctx.ranks.mine(torch.topk(-ctx.cds["delta"].to(ctx.device)[idx_B], ctx.cfg["batch_size"]).indices)
+    S = ctx.ranks.mine(torch.topk(-ctx.cds["delta"][idx_B], ctx.cfg["batch_size"]).indices)
     return Step(main_update(ctx, x_B[S]), idx_B[S])
 
 
@@ -716,8 +714,8 @@ def step_ltr(ctx, step):
     idx = shard(ctx, ctx.generic_sampler.sample(ctx.cfg["batch_size"]))    # (b,) uniform draws
     x = ctx.x_train[idx]                                                       # (b, T)
     # w_i ∝ max(−∂L_specific(θ − η Σ_j ε_j ∇ℓ_j)/∂ε_i, 0) at ε = 0, normalised to Σ w = 1
-    w, _ = bilevel.ltr_weights(ctx.model, x, specific_batch(ctx), lr_at(step, ctx.cfg), ctx.ranks)  # (b,)
     with ctx.autocast():
+        w, _ = bilevel.ltr_weights(ctx.model, x, specific_batch(ctx), lr_at(step, ctx.cfg), ctx.ranks)  # (b,)
         loss = (w.detach() * ctx.model(x).float()).sum()                      # Σ_i w_i ℓ(x_i; θ)
     update_theta(ctx, loss, mean=False)       # torchrun: each rank's loss is its part of the sum
     ctx.counts.index_add_(0, ctx.source_train[idx], (ctx.cfg["batch_size"] * w).detach().double())
@@ -732,12 +730,14 @@ def step_mwn(ctx, step):
     cfg, b = ctx.cfg, ctx.b
     idx_B, x_B = big_batch(ctx)                                                # (|B|,), (|B|, T)
     x_mine = ctx.ranks.mine(x_B)                                  # (|B|/N, T) torchrun: this rank's rows
-    with ctx.autocast():   # in chunks of b rows: the logits take no more memory than the main step's
-        losses_mine = bilevel.losses_of(ctx.model, x_mine, b, ctx.device)          # (|B|/N,)
+    # in chunks of b rows (8b on CUDA, fewer launches): the logits take no more memory than the main step's
+    with ctx.autocast():
+        losses_mine = bilevel.losses_of(ctx.model, x_mine, 8 * b if ctx.cuda else b, ctx.device)   # (|B|/N,)
     if step % cfg["outer_every"] == 0:
         ctx.meta_opt.zero_grad(set_to_none=True)
-        L = bilevel.mwn_step(ctx.model, ctx.weighter, x_mine[:b], losses_mine[:b], specific_batch(ctx),
-                             cfg["rho"], ctx.ranks)
+        with ctx.autocast():     # θ's passes in bf16 on CUDA; the MLP of ℓ stays FP32 (LossWeighter)
+            L = bilevel.mwn_step(ctx.model, ctx.weighter, x_mine[:b], losses_mine[:b], specific_batch(ctx),
+                                 cfg["rho"], ctx.ranks)
         step_alpha(ctx)
         ctx.stats["outer_loss"] = L.detach()
     with torch.no_grad():
@@ -807,10 +807,8 @@ def finish_eval(ctx, done, phase, ms, train_loss):
     ctx.ranks.sum_([ctx.counts])      # torchrun: the sources θ trained on, summed over ranks
     # torchrun: the logged statistics averaged over the ranks, so that they are the whole batch's (the
     # ranks' own losses are means over equal shares; what every rank holds alike stays as it is)
-    stats = [t for t in ctx.stats.values() if torch.is_tensor(t)]
-    if train_loss is not None:                    # None: an evaluation before any step (--init_from)
-        stats.append(train_loss)
-    ctx.ranks.mean_(stats)
+    # (train_loss is None at an evaluation before any step: --init_from)
+    ctx.ranks.mean_([t for t in [*ctx.stats.values(), train_loss] if torch.is_tensor(t)])
     if ctx.rank == 0:
         log_eval(ctx, done, phase, ms, train_loss)
     ctx.counts.zero_()
@@ -843,12 +841,6 @@ def log_eval(ctx, done, phase, ms, train_loss):
         p["best"] = rec
 
 
-def base_rates(ctx):
-    """Each source's share of the generic training pool: what uniform sampling trains on."""
-    ids = ctx.generic.train.source_id
-    return (torch.bincount(ids, minlength=len(ctx.generic.sources)).float() / len(ids)).tolist()
-
-
 def source_share(ctx):
     """Per source: its share of what θ trained on since the last evaluation (ScaleBiO: λ) and its
     base rate in the generic pool."""
@@ -856,7 +848,10 @@ def source_share(ctx):
         return None
     shares = (ctx.counts / ctx.counts.sum() if ctx.p is None                    # ScaleBiO: λ = softmax(p)
               else torch.softmax(ctx.p.detach().float(), 0)).tolist()
-    return {n: {"share": s, "base": b} for n, s, b in zip(ctx.generic.sources, shares, base_rates(ctx))}
+    # each source's share of the generic training pool: what uniform sampling trains on
+    ids = ctx.generic.train.source_id
+    base = (torch.bincount(ids, minlength=len(ctx.generic.sources)).float() / len(ids)).tolist()
+    return {n: {"share": s, "base": b} for n, s, b in zip(ctx.generic.sources, shares, base)}
 
 
 def progress_line(rec, ms, ctx):
@@ -945,10 +940,11 @@ def tensors_in(x):
     return list(x.values()) if isinstance(x, dict) else [x]
 
 
-def restore(d, saved):
-    """A dict restored in place (ctx.progress, ctx.cds): its saved items, and only those."""
+def restore(d, saved, device="cpu"):
+    """A dict restored in place (ctx.progress, ctx.cds): its saved items, and only those; its tensors
+    moved to device (a checkpoint loads on the CPU; CDS's Δ is indexed on the device)."""
     d.clear()
-    d.update(saved)
+    d.update({k: v.to(device) if torch.is_tensor(v) else v for k, v in saved.items()})
 
 
 class Samplers(list):
@@ -997,6 +993,9 @@ def load_checkpoint(ctx):
     st.update(st.get("ranks", [{}] * ctx.world)[ctx.rank])      # this rank's own random streams
     for k, obj in ctx.state.items():
         if k in st:
+            if isinstance(obj, torch.optim.Optimizer):   # `fused` is this run's device's, not the saved run's
+                for old, group in zip(st[k]["param_groups"], obj.param_groups):
+                    old["fused"] = group["fused"]
             obj.load_state_dict(st[k])
     return st["step"]
 
@@ -1028,16 +1027,19 @@ def ranks():
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def init_ranks(device):
+def init_ranks(cfg):
     """(rank, N, this rank's device); joins the process group when N > 1: NCCL with one GPU per
-    rank (LOCAL_RANK) on CUDA, gloo on the CPU."""
-    (rank, world), dev = ranks(), resolve_device(device)
+    rank (LOCAL_RANK) on CUDA, gloo on the CPU. The other ranks wait in a collective while rank 0
+    evaluates alone: the timeout adds to the default 10 minutes 10 ms per evaluated row (2 h for all)."""
+    (rank, world), dev = ranks(), resolve_device(cfg["device"])
+    rows = cfg["eval_examples"] * (1 + 2 * len(cfg["specific"].split(";")))
+    timeout = datetime.timedelta(minutes=10, seconds=0.01 * rows if rows > 0 else 7200)
     if world > 1 and not dist.is_initialized():
         cuda = torch.device(dev).type == "cuda"
         if cuda:
             dev = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
             torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     return rank, world, dev
 
 
@@ -1303,7 +1305,7 @@ def run(cfg, defaults):
     if ranks()[1] > 1:
         cfg["world_size"] = ranks()[1]     # saved in config.json: a resume needs the same N
     ctx = setup(cfg)
-    # what the run reads (files, sizes, times, example counts), in config.json: a resume must find the same
+    # what the run reads (files, sizes, MD5s, example counts), in config.json: a resume must find the same
     cfg["inputs"] = data.fingerprint(cfg, ctx.generic, ctx.specifics)
     start = load_checkpoint(ctx) if cfg["resume"] else 0
     if cfg["init_from"] and not cfg["resume"]:      # θ from another run (α, v, optimisers: fresh)

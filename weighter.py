@@ -129,8 +129,9 @@ class LossWeighter(nn.Module):
 
     def forward(self, losses):
         """losses: (B,) per-example losses ℓ(x; θ), treated as data (detached), read in the MLP's own
-        precision → scores (B,)."""
-        return self.mlp(losses.detach()[:, None].to(self.mlp[0].weight.dtype)).squeeze(-1)
+        precision → scores (B,). Autocast off: bf16 would round ℓ ≈ 2 to steps of 0.016."""
+        with torch.autocast(losses.device.type, enabled=False):
+            return self.mlp(losses.detach()[:, None].to(self.mlp[0].weight.dtype)).squeeze(-1)
 
     def weights(self, losses, ranks=None):
         return batch_softmax(self(losses), ranks)
@@ -175,19 +176,28 @@ def filter_batch(s, b, how, generator=None):
     if how == "importance":
         # b i.i.d. draws from w (with replacement): unbiased for Σ_B w ℓ, but repeats examples
         w = torch.softmax(s.cpu(), 0)                              # (|B|,) w, computed on the CPU
-        return torch.multinomial(w, b, replacement=True, generator=generator).to(s.device)
+        return to_device(torch.multinomial(w, b, replacement=True, generator=generator), s.device)
     if how == "without_replacement":
         # Gumbel top-k: top_k(log w + G), G = −log(−log U), U ~ Uniform(0, 1), is a draw of b
         # distinct rows of B, each next one ∝ w among those not yet drawn (B itself is drawn with
         # replacement, so two rows may hold the same example). U and G: float32, CPU
         u = torch.rand(s.shape, generator=generator).clamp_(1e-20, 1.0)       # (|B|,) U
         # −G = log(−log U), computed on the CPU, then moved to s.device
-        minus_g = torch.log(-torch.log(u)).to(s.device)                         # (|B|,)
+        minus_g = to_device(torch.log(-torch.log(u)), s.device)                 # (|B|,)
         # log w + G = s + G − logsumexp(s): the constant does not change the top-k
         return torch.topk(s - minus_g, b).indices
     if how == "top":
         return torch.topk(s, b).indices
     raise ValueError(f"unknown filter {how!r}")
+
+
+def to_device(t, device):
+    """A tensor drawn on the CPU, moved to device without a host stall: on CUDA a pinned copy, sent with
+    non_blocking (the host allocator keeps each pinned buffer until its copy is done, so the next draw
+    never overwrites one in flight); elsewhere `.to(device)`."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def effective_sample_size(w):

@@ -155,6 +155,29 @@ def test_every_method_runs_on_cuda(corpora, tmp_path, method, request):
     assert torch.cuda.max_memory_allocated() > 0          # it did run on the GPU
 
 
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "cds"])    # CDS: one-off Δ scoring step
+def test_a_training_step_synchronises_the_host_at_most_once(corpora, tmp_path, method):
+    """torch.cuda.set_sync_debug_mode("warn") warns at each operation that makes the host wait for the
+    GPU: at most one per step (the finiteness check of θ's gradient, tests/test_syncs.py), from the
+    third step on (the first ones build caches)."""
+    import warnings
+    import train
+    args = merged([f"--generic={corpora['generic']}", f"--specific={corpora['specific']}"], TINY,
+                  [f"--device={DEVICE}", f"--out_dir={tmp_path}", f"--method={method}", "--outer_every=1"])
+    cfg = train.parse_args(args, {k: getattr(train, k) for k in train.config_keys})
+    ctx = train.setup(cfg)
+    for step in range(5):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                train.train_step(ctx, step)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+        assert step < 2 or len(syncs) <= 1, (method, step, syncs)
+
+
 # ----------------------------------------------------------------------------------------------
 # the weighter's scores and the filter: the same on CPU and CUDA
 

@@ -190,3 +190,32 @@ def test_diagnose_checks(tmp_path, corpora, capsys, argv, needles):
 def test_gpucheck_refuses_the_cpu_unless_asked(capsys):
     assert diagnose.main(["gpucheck", "--steps=1"]) == 2
     assert "--device=cpu" in capsys.readouterr().err
+
+
+def test_a_resume_builds_its_optimisers_for_its_own_device(tmp_path):
+    """A checkpoint holds each optimiser's `fused` flag (True from a CUDA run); a resume on another
+    device takes this device's flag (None on the CPU), and CDS's Δ comes back on the run's device."""
+    out = tmp_path / "run"
+    assert train.main([*TINY, "--method=soba", "--max_steps=2", f"--out_dir={out}"]) == 0
+    st = torch.load(out / "ckpt.pt", weights_only=True)
+    for k in ("opt", "meta_opt", "v_opt"):
+        for group in st[k]["param_groups"]:
+            group["fused"] = True                                   # as a CUDA run saves them
+    torch.save(st, out / "ckpt.pt")
+    cfg = train.parse_args(["--resume", f"--out_dir={out}", "--finetune_steps=2"], diagnose.train_defaults())
+    ctx = train.setup(cfg)
+    assert train.load_checkpoint(ctx) == 2
+    assert [g["fused"] for o in (ctx.opt, ctx.meta_opt, ctx.v_opt) for g in o.param_groups] == [None] * 3
+    train.restore(ctx.progress, {"delta": torch.zeros(3, dtype=torch.float64)}, device="meta")
+    assert ctx.progress["delta"].device.type == "meta"           # a saved tensor moves to the device
+
+
+def test_torchrun_waits_for_rank_0_s_evaluation(monkeypatch):
+    """NCCL's timeout (10 minutes by default) grows with the rows rank 0 evaluates alone: 10 ms a row."""
+    got = {}
+    monkeypatch.setattr(train.dist, "init_process_group", lambda backend, timeout: got.update(t=timeout))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    for examples, specific, seconds in ((2000, "a", 600 + 60), (100, "a;b", 600 + 5), (0, "a", 600 + 7200)):
+        train.init_ranks({"device": "cpu", "eval_examples": examples, "specific": specific})
+        assert got["t"].total_seconds() == pytest.approx(seconds)

@@ -8,7 +8,9 @@ the tests work from the code:
      `float(t)` call) during each `train.train_step`, on the tiny built-in corpus, for every method;
   2. static: the source of the step functions (train.py's, from train_step and METHODS down, and the
      per-step part of train_loop), of bilevel.py and of weighter.py's per-step functions holds none of
-     `.cpu()`, `.tolist()`, `.item()`, `torch.bincount`, outside the listed exceptions.
+     `.cpu()`, `.tolist()`, `.item()`, `torch.bincount`, nor a `.to(...device...)` without non_blocking
+     (a CPU tensor's copy that the host waits for), outside the listed exceptions. The index draws move
+     by weighter.to_device: pinned memory, non_blocking.
 A count on the CPU cannot tell a CPU tensor from one that would be on the GPU: the reads of CPU tensors
 that stay on the CPU in a CUDA run (random draws from CPU generators) are listed as exceptions by the
 function that makes them, with that reason.
@@ -54,6 +56,9 @@ ALLOWED_CALLS = {
     ("train", "step_along_grads", ".item()"): "in the error raised after a non-finite gradient only",
     ("bilevel", "lisa_sample", ".tolist()"): "LISA's block draw every lisa_interval steps: a CPU tensor",
     ("weighter", "filter_batch", ".cpu()"): "the importance filter draws on the CPU (torch.multinomial)",
+    ("weighter", "to_device", ".to(device)"): "its path off CUDA; on CUDA: pinned memory, non_blocking",
+    ("bilevel", "losses_of", ".to(device)"): "x: rows of the examples on the device in a run (a no-op); "
+                                             "diagnose.py passes CPU rows, outside training",
 }
 SYNCING = (".cpu()", ".tolist()", ".item()", "torch.bincount")
 HERE = {os.path.join(ROOT, f) for f in ("train.py", "bilevel.py", "weighter.py", "data.py", "model.py")}
@@ -161,8 +166,14 @@ def per_step_loop_source():
 
 
 def offences(module, name, src):
-    return [f"{module}.{name}: {call}" for call in SYNCING
-            if call in src and (module, name, call) not in ALLOWED_CALLS]
+    found = [call for call in SYNCING if call in src]
+    # a copy to the device that waits for the host: `.to(...device...)` without non_blocking=True
+    for node in ast.walk(ast.parse(textwrap.dedent(src))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "to":
+            args = [ast.unparse(a) for a in node.args] + [ast.unparse(k.value) for k in node.keywords]
+            if any("device" in a for a in args) and not any(k.arg == "non_blocking" for k in node.keywords):
+                found.append(f".to({', '.join(args)})")
+    return [f"{module}.{name}: {call}" for call in found if (module, name, call) not in ALLOWED_CALLS]
 
 
 def test_step_functions_call_nothing_that_synchronises():
@@ -176,7 +187,8 @@ def test_step_functions_call_nothing_that_synchronises():
             found += offences("bilevel", name, inspect.getsource(fn))
     for name, fn in inspect.getmembers(bilevel.Ranks, inspect.isfunction):
         found += offences("bilevel", name, inspect.getsource(fn))
-    for fn in (weighter.score, weighter.filter_batch, weighter.effective_sample_size, weighter.Replay.load):
+    for fn in (weighter.score, weighter.filter_batch, weighter.effective_sample_size, weighter.Replay.load,
+               weighter.to_device):
         found += offences("weighter", fn.__name__, inspect.getsource(fn))
     assert not found, found
 
@@ -185,6 +197,8 @@ def test_the_static_check_flags_what_it_looks_for():
     assert offences("train", "x", "ctx.counts += torch.bincount(i)\nn = t.item()") == [
         "train.x: .item()", "train.x: torch.bincount"]
     assert offences("train", "step_along_grads", "norm.item()") == []
+    assert offences("train", "x", "i = idx.to(ctx.device)\nj = idx.pin_memory().to(ctx.device, non_blocking=True)"
+                    ) == ["train.x: .to(ctx.device)"]
 
 
 # ----------------------------------------------------------------------------------------------
