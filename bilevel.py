@@ -84,6 +84,10 @@ class OneProcess:
         """The mean over the ranks, in place, of a list of tensors; returns the list."""
         return tensors
 
+    def reduce_(self, tensors, mean):
+        """mean_ (the gradients of a mean loss) or sum_ (of this rank's part of a sum)."""
+        return self.mean_(tensors) if mean else self.sum_(tensors)
+
     def rows(self, t):
         """This rank's rows (n/N,) of a batch → the whole batch's (n,), in batch order, with a graph."""
         return t

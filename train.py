@@ -326,8 +326,7 @@ def shard(ctx, idx):
 def step_alpha(ctx, mean=False):
     """α ← α − Adam(∇_α). torchrun: α's gradient SUMMED over the ranks, each rank's being its part of
     Σ_x c(x) ∇_α w(x; α) with w normalised over the whole batch; averaged (mean) for a mean loss."""
-    reduce_ = ctx.ranks.mean_ if mean else ctx.ranks.sum_
-    reduce_(grads_of(ctx.weighter))
+    ctx.ranks.reduce_(grads_of(ctx.weighter), mean)
     ctx.meta_opt.step()
 
 
@@ -518,8 +517,7 @@ def update_theta(ctx, loss, model=None, opt=None, mean=True):
 def step_along_grads(ctx, model, opt, mean=True):
     """One AdamW step of model along the gradients in its .grad (averaged, or summed, over the ranks)."""
     # torchrun: ∇_θ of the whole batch's loss on every rank
-    reduce_ = ctx.ranks.mean_ if mean else ctx.ranks.sum_
-    reduce_(grads_of(model))
+    ctx.ranks.reduce_(grads_of(model), mean)
     # ‖∇_θ‖ (clipped to grad_clip when set), checked before the step so θ never takes a NaN update:
     # the step's one host synchronisation
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), ctx.cfg["grad_clip"] or float("inf"))
@@ -1227,7 +1225,9 @@ def init_config(overrides, defaults):
     loaded from RUN (in run()), so the model's settings must stay RUN's."""
     saved = read_init(overrides["init_from"])["config"]
     cfg = {**defaults, **{k: v for k, v in saved.items() if k in defaults}}
-    cfg.update({"out_dir": defaults["out_dir"], "overwrite": False, "max_steps": 0, **overrides})
+    # RUN may have been resumed: its resume (and overwrite, compile) belonged to its own invocations
+    cfg.update({**{k: defaults[k] for k in ("out_dir", "resume", "overwrite", "compile")}, "max_steps": 0,
+                **overrides})
     for k in ("n_layer", "n_head", "n_embd", "n_hidden", "seq_len"):
         if cfg[k] != saved[k]:
             raise ConfigError(f"--{k}: θ comes from --init_from's run, whose {k} is {saved[k]!r}")

@@ -85,6 +85,20 @@ def test_init_from_run_resumes_exactly(tmp_path, monkeypatch, capsys):
     assert a.keys() == b.keys() and all(torch.equal(t, b[k]) for k, t in a.items())
 
 
+def test_init_from_a_resumed_run_starts_a_new_run(tmp_path):
+    """A resumed run's checkpoint saves resume=True in its settings: --init_from must not inherit it (it
+    would look for a checkpoint in the new out_dir and stop)."""
+    run = tmp_path / "run"
+    assert train.main([f"--out_dir={run}", "--method=baseline", "--max_steps=4", "--eval_interval=2", *SMALL]) == 0
+    assert train.main(["--resume", f"--out_dir={run}", "--max_steps=4", "--finetune_steps=2"]) == 0
+    assert ckpt(run)["config"]["resume"] is True
+    out = tmp_path / "ft"
+    assert train.main([f"--init_from={run}", "--finetune_lr=1e-4", "--finetune_steps=2", "--eval_interval=1",
+                       f"--out_dir={out}"]) == 0
+    summary, log = read_outputs(out)
+    assert summary["config"]["resume"] is False and [r["step"] for r in log] == [0, 1, 2]
+
+
 def test_init_from_errors_are_one_line_and_write_nothing(tmp_path, capsys):
     run = pretrained(tmp_path)
     out = tmp_path / "ft"
