@@ -674,6 +674,14 @@ def compare_rows(info, reach, base):
     return numbers, rows
 
 
+def short_names(runs):
+    """Each run's folder name, with its parent's where two runs share one (e1/soba_s0, e2/soba_s0)."""
+    paths = [os.path.normpath(r) for r in runs]
+    last = [os.path.basename(p) for p in paths]
+    return {r: os.path.relpath(p, os.path.dirname(os.path.dirname(p))) if last.count(n) > 1 else n
+            for r, p, n in zip(runs, paths, last)}
+
+
 def write_comparison(out, text, numbers, info):
     """The table (markdown) to out, its numbers to OUT.json, and with matplotlib the pretraining
     curves and the target to OUT.png: Figure 1 as a picture, next to the table."""
@@ -686,7 +694,7 @@ def write_comparison(out, text, numbers, info):
     key, curves = numbers["metric"], {}
     for run, r in info.items():
         at = losses_at(r["records"], key)
-        curves[f"{r['method']}: {os.path.basename(os.path.normpath(run))}"] = (list(at), list(at.values()))
+        curves[f"{r['method']}: {short_names(info)[run]}"] = (list(at), list(at.values()))
     if rows := numbers["reference"]:
         # the authors' SOBA / baseline ratio drawn on the baseline: where a run on their trajectory would be
         curves["the baseline × the authors' SOBA / baseline"] = ([r[0] for r in rows], [r[1] for r in rows])
@@ -746,7 +754,7 @@ def cmd_compare(opts, _):
             f"Paper, Figure 1: loss 1.3 reached 3.9x faster by Sparse SOBA, 8.5x by frozen weights, than by "
             f"the baseline.\n\n" + markdown(header, rows))
     if ref := reference_rows(info, base, key):     # the baseline was evaluated at one of the authors' steps
-        names = [f"{os.path.basename(os.path.normpath(run))} / baseline" for run in info if run != base]
+        names = [f"{short_names(info)[run]} / baseline" for run in info if run != base]
         header = ["step", "authors' baseline", "authors' SOBA", "authors' SOBA / baseline", *names]
         text += f"\n\nAt equal steps: the authors' Reuters valid loss; each run's {key} / the baseline's\n\n"
         text += markdown(header, [[t, f"{b:.4f}", f"{s:.4f}", *map(fmt, r)] for t, _, b, s, *r in ref])

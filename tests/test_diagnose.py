@@ -851,6 +851,16 @@ def test_compare_prints_the_authors_ratio_beside_the_runs_at_equal_steps(tmp_pat
         assert (tmp_path / "real.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_compare_names_runs_that_share_a_folder_name_by_their_parents_too(tmp_path, capsys):
+    losses = {t: 3.0 - t / 10000 for t in range(1000, 5000, 1000)}
+    runs = [curve_run(str(tmp_path / d / n), m, losses)
+            for d, n, m in (("e1", "base", "baseline"), ("e1", "soba", "soba"), ("e2", "soba", "soba"))]
+    assert diagnose.main(["compare", f"--runs={','.join(runs)}"]) == 0
+    header = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("| step |"))
+    assert header.endswith(f"| {os.path.join('e1', 'soba')} / baseline | {os.path.join('e2', 'soba')} / baseline |")
+    assert diagnose.short_names(["a/x", "b/y"]) == {"a/x": "x", "b/y": "y"}
+
+
 def test_compare_speedup_at_a_horizon(tmp_path, capsys):
     """--horizon=H: the target is the baseline's loss at step H; the speedup is H / the run's steps to it."""
     base = curve_run(str(tmp_path / "base"), "baseline", {t: 3.0 - t / 10000 for t in range(1000, 7000, 1000)})
