@@ -75,15 +75,20 @@ class Weighter(nn.Module):
         return (per_byte * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B,) masked mean
 
     @torch.no_grad()
-    def lookup_tables(self):
+    def lookup_tables(self, bias_row=False):
         """The tables P_j = E W_jᵀ of `forward_by_lookup`, stacked: (k·257, dim), no graph.
 
         P[j, v] = W_j E[v] for the byte v, and a zero row 256 for the positions before the sequence
         (the causal left padding: zero vectors in forward). Row 257·j + v holds P_j[v]. Built once
-        per call of `score` (256·k·dim² multiply-adds), whatever the number of chunks."""
+        per call of `score` (256·k·dim² multiply-adds), whatever the number of chunks. bias_row: one
+        more row, the convolution's bias c, which every bag then sums too (`score` on CUDA: one pass
+        over the (N, T, dim) activations fewer; another summation order, so not on the CPU)."""
         # P[j, v] = W_j E[v]
         P = torch.einsum("vi,oij->jvo", self.embed.weight, self.convs[0].weight)   # (k, 256, dim)
-        return F.pad(P, (0, 0, 0, 1)).flatten(0, 1)                                 # (k·257, dim)
+        P = F.pad(P, (0, 0, 0, 1)).flatten(0, 1)                                    # (k·257, dim)
+        if bias_row:
+            P = torch.cat([P, self.convs[0].bias[None]])                            # (k·257 + 1, dim)
+        return P
 
     @torch.no_grad()
     def forward_by_lookup(self, x, tables=None):
@@ -103,9 +108,13 @@ class Weighter(nn.Module):
         # row of P for tap j at position t: 257·j + x_pad[t + j]
         taps = 257 * torch.arange(k, device=x.device, dtype=torch.int32)            # (k,)
         rows = x_pad.unfold(1, k, 1) + taps                                         # (B, T, k)
+        if len(P) > 257 * k:     # the bias row (CUDA): one more row in every bag, c summed with the taps
+            rows = F.pad(rows, (0, 1), value=257 * k)                               # (B, T, k + 1)
         # conv(embed(x))_t = c + Σ_j P_j[x_{t−k+1+j}]
-        h = F.embedding_bag(rows.flatten(0, 1), P, mode="sum") + conv.bias         # (B·T, dim)
-        h = F.relu(h).view(*x.shape, -1).transpose(1, 2)                            # (B, dim, T)
+        h = F.embedding_bag(rows.flatten(0, 1), P, mode="sum")                     # (B·T, dim)
+        if len(P) == 257 * k:
+            h = h + conv.bias
+        h = h.relu_().view(*x.shape, -1).transpose(1, 2)                            # (B, dim, T)
         for conv in self.convs[1:]:
             h = F.relu(conv(F.pad(h, (k - 1, 0))))                                  # (B, dim, T)
         return self.pool(h, x)
@@ -160,7 +169,7 @@ def score(weighter, x, chunk=None):
     if chunk is None:
         budget = 2 ** 20 if torch.device(x.device).type == "cpu" else 2 ** 26   # activations a chunk
         chunk = max(1, budget // (x.shape[1] * weighter.embed.embedding_dim))
-    tables = weighter.lookup_tables()                                          # (k·257, dim), once
+    tables = weighter.lookup_tables(bias_row=torch.device(x.device).type == "cuda")   # once
     return torch.cat([weighter.forward_by_lookup(x[i:i + chunk], tables).float()
                       for i in range(0, len(x), chunk)])                        # (N,)
 

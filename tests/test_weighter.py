@@ -49,6 +49,25 @@ def test_lookup_tables_passed_in_give_the_same_numbers():
     assert torch.equal(score(w, x, chunk=4), expected)
 
 
+def test_the_bias_row_gives_the_same_scores():
+    # score on CUDA sums the convolution's bias in the lookup's bag (one more table row) instead of
+    # adding it after: the same s(x; α) up to the summation order (checked here on the CPU, in float64)
+    torch.manual_seed(5)
+    w = Weighter(dim=12, kernel=7).double()
+    for prm in w.parameters():
+        torch.nn.init.normal_(prm, std=0.5)
+    x = torch.randint(0, 256, (7, 30), dtype=torch.uint8)
+    x[0, 10:] = 0
+    tables = w.lookup_tables(bias_row=True)
+    assert tables.shape == (7 * 257 + 1, 12) and torch.equal(tables[-1], w.convs[0].bias.detach())
+    with torch.no_grad():
+        expected = w(x)
+    assert torch.allclose(w.forward_by_lookup(x, tables), expected, atol=1e-10, rtol=1e-10)
+    no_bias = tables.clone()
+    no_bias[-1] = 0
+    assert not torch.allclose(w.forward_by_lookup(x, no_bias), expected)       # the bias row is summed
+
+
 def test_score_default_chunk_on_cpu_holds_2_to_the_20_activations(monkeypatch):
     # CPU: rows of ~2^20 (T, dim) activations, as before (an accelerator takes ~2^26)
     torch.manual_seed(3)
