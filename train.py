@@ -404,10 +404,12 @@ def train_step(ctx, step):
 def snapshot_due(step, cfg):
     """Whether α_step is saved: every save_weighter_every steps of pretraining (0: at every evaluation and
     at its end; < 0: never)."""
-    every, at_eval = cfg["save_weighter_every"], step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]
+    every = cfg["save_weighter_every"]
     if every < 0 or step > cfg["max_steps"]:
         return False
-    return step % every == 0 if every > 0 else at_eval
+    if every > 0:
+        return step % every == 0
+    return step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1315,9 +1317,7 @@ def run(cfg, defaults):
         if cfg["resume"]:
             truncate_log(os.path.join(cfg["out_dir"], "log.jsonl"), start)
         remove_run_files(cfg["out_dir"], [] if cfg["resume"] else found)    # --overwrite
-        # --compile belongs to the invocation that gives it: a resume's is not saved (nor inherited)
-        saved = {**cfg, "compile": cfg["compile"] and not cfg["resume"]}
-        write_json(os.path.join(cfg["out_dir"], "config.json"), saved)
+        write_json(os.path.join(cfg["out_dir"], "config.json"), cfg)     # (a resume never inherits compile)
     n_params = sum(p.numel() for p in ctx.model.parameters())
     print(f"{cfg['method']} | θ: {n_params / 1e6:.2f}M params | {ctx.device} | generic "
           f"{len(ctx.generic.train)} train examples, {len(ctx.generic.sources)} sources | specific "

@@ -108,11 +108,12 @@ class Weighter(nn.Module):
         # row of P for tap j at position t: 257·j + x_pad[t + j]
         taps = 257 * torch.arange(k, device=x.device, dtype=torch.int32)            # (k,)
         rows = x_pad.unfold(1, k, 1) + taps                                         # (B, T, k)
-        if len(P) > 257 * k:     # the bias row (CUDA): one more row in every bag, c summed with the taps
+        bias_row = len(P) > 257 * k       # (CUDA) one more row in every bag: c summed with the taps
+        if bias_row:
             rows = F.pad(rows, (0, 1), value=257 * k)                               # (B, T, k + 1)
         # conv(embed(x))_t = c + Σ_j P_j[x_{t−k+1+j}]
         h = F.embedding_bag(rows.flatten(0, 1), P, mode="sum")                     # (B·T, dim)
-        if len(P) == 257 * k:
+        if not bias_row:
             h = h + conv.bias
         h = h.relu_().view(*x.shape, -1).transpose(1, 2)                            # (B, dim, T)
         for conv in self.convs[1:]:
